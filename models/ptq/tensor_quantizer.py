@@ -1,0 +1,188 @@
+"""One quantizer object per tensor (the design of NVIDIA's TensorQuantizer, applied to FQ-ViT).
+
+A :class:`TensorQuantizer` owns everything about one quantization point: its spec (bit type,
+observer, calibration mode, quantizer method), the observer collecting calibration statistics, and the
+calibrated ``scale`` / ``zero_point`` as registered buffers, so ``state_dict``, ``.to()`` and saving a
+calibrated model just work. Layers only call ``self.input_quant(x)`` or ``self.weight_quant(w)``.
+
+What a call does depends on the model-wide :class:`QuantState` (one object shared by all quantizers of
+a model, flipped by the model's context managers): pass through (FP32), observe and pass through
+(CALIBRATE, so every observer sees FP32 activations as in FQ-ViT), or fake-quantize (QUANT).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.ptq.observers import PowerOfTwoFactor, build_observer
+from models.ptq.quantizers import build_quantizer
+from quant_config import QuantizerSpec
+
+__all__ = ["QuantMode", "QuantState", "TensorQuantizer"]
+
+log = logging.getLogger(__name__)
+
+
+class QuantMode(enum.Enum):
+    FP32 = "fp32"
+    CALIBRATE = "calibrate"
+    QUANT = "quant"
+
+
+class QuantState:
+    """The mode of one model, shared by reference by all of its quantizers."""
+
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: QuantMode = QuantMode.QUANT) -> None:
+        self.mode = mode
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor with calibrated parameters.
+
+    Args:
+        spec: how to quantize; ``None`` keeps the tensor in floating point.
+        state: the model-wide mode object.
+        num_channels: size of the channel axis (used when ``spec`` is channel-wise).
+        channel_axis: axis of the channels: 0 for weights, -1 (features) for activations.
+        static: the tensor is a parameter: observe it once and cache its quantized value.
+        kind: the recipe kind this point belongs to (for reports).
+    """
+
+    def __init__(
+        self,
+        spec: QuantizerSpec | None,
+        state: QuantState,
+        *,
+        num_channels: int = 1,
+        channel_axis: int = -1,
+        static: bool = False,
+        kind: str = "",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.state = state
+        self.kind = kind
+        self.static = static
+        self.channel_axis = channel_axis
+        self.name = ""  # module path, set by QVit
+        # A user switch (profiler's isolated view, keeping sensitive layers in float); the mode is separate.
+        self.enabled = spec is not None
+        per_channel = spec is not None and spec.calibration_mode == "channel_wise"
+        shape = (num_channels,) if per_channel else ()
+        self.register_buffer("scale", torch.ones(shape, device=device))
+        self.register_buffer("zero_point", torch.zeros(shape, device=device))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        self._ready = False  # mirror of `calibrated` that needs no device sync
+        self._cache: tuple[Any, Tensor] | None = None
+        self.method = self.observer = self.ptf = None
+        if spec is not None:
+            self.method = build_quantizer(spec.quantizer)
+            # PTF: the observer sees the whole tensor (the base scale), the PTF helper each channel.
+            observer_axis = channel_axis if per_channel and not spec.power_of_two_factor else None
+            self.observer = build_observer(spec.observer, spec, self.method, observer_axis)
+            if spec.power_of_two_factor:
+                self.ptf = PowerOfTwoFactor(spec, self.method, channel_axis)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.dim() == 1
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._ready
+
+    def extra_repr(self) -> str:
+        if self.spec is None:
+            return "float"
+        s = self.spec
+        parts = [s.bit_type.name, s.quantizer, s.observer, s.calibration_mode]
+        if s.power_of_two_factor:
+            parts.append("ptf")
+        if not self.enabled:
+            parts.append("disabled")
+        return ", ".join(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        mode = self.state.mode
+        if mode is QuantMode.QUANT:
+            return self.quantize(x)
+        if mode is QuantMode.CALIBRATE:
+            self.observe(x)
+        return x
+
+    # -- calibration -------------------------------------------------------------------------------
+    def reset_observer(self) -> None:
+        if self.observer is not None:
+            self.observer.reset()
+        if self.ptf is not None:
+            self.ptf.reset()
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        if self.static and self.observer.has_data:
+            return  # a weight does not change between calibration batches
+        x = x.detach()
+        self.observer.update(x)
+        if self.ptf is not None:
+            self.ptf.update(x)
+
+    @torch.no_grad()
+    def finalize(self) -> bool:
+        """Turn the collected statistics into scale / zero point; False if this point saw no data."""
+        if self.spec is None or not self.observer.has_data:
+            if self.spec is not None:
+                log.warning("quantizer %s saw no calibration data; it stays uncalibrated", self.name or "?")
+            return False
+        scale, zero_point = self.observer.compute_qparams()
+        if self.ptf is not None:
+            scale = self.ptf.channel_scales(scale, zero_point)
+            zero_point = zero_point.expand_as(scale)
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.calibrated.fill_(True)
+        self._ready = True
+        self._cache = None
+        self.reset_observer()  # the statistics are no longer needed; free them
+        return True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.calibrated)
+        self._cache = None
+
+    # -- quantization ------------------------------------------------------------------------------
+    def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
+        if t.dim() == 0:
+            return t
+        axis = self.channel_axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = t.numel()
+        return t.view(shape)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks)."""
+        return self.method.fake_quant(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.spec.bit_type)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if not self._ready:
+            raise RuntimeError(f"quantizer {self.name or '?'} is used before calibration: calibrate the model or load a calibrated state")
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Straight-through estimator: quantized forward, identity backward.
+            with torch.no_grad():
+                noise = self.fake_quant(x) - x
+            return x + noise
+        if self.static and not torch.is_grad_enabled():
+            key = (x.data_ptr(), x._version, x.device, x.dtype, self.scale._version, self.zero_point._version)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.fake_quant(x))
+            return self._cache[1]
+        return self.fake_quant(x)

@@ -1,0 +1,150 @@
+"""QVit: a timm Vision Transformer converted in place into FQ-ViT's fully quantized form (arXiv 2111.13824).
+
+:func:`QVit` walks a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, ...) and swaps each float
+module for its quantized subclass from :mod:`models.ptq.layers` via a class map - timm's own model
+code keeps running, only the leaf computations change. Attention is switched from timm's fused kernel
+to the explicit softmax so that the softmax can be quantized.
+
+Modes are switched on the model, not per layer::
+
+    qvit = QVit(timm_model, recipe)
+    with qvit.calibrating():          # observers see FP32 activations
+        for images in loader:
+            qvit(images)
+    logits_int8 = qvit(images)        # quantized (the default mode)
+    with qvit.fp32():
+        logits_fp32 = qvit(images)    # exactly the timm model (non-fused attention)
+
+The calibrated scales are buffers: ``qvit.state_dict()`` saves them and ``load_state_dict`` restores a
+calibrated model without calibration data.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from timm.layers import LayerNorm as TimmLayerNorm, LayerScale, PatchEmbed
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import Tensor, nn
+
+from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
+from quant_config import QuantRecipe
+
+__all__ = ["QVit", "UnsupportedModelError"]
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The timm model has a structure QVit cannot quantize (the message names the module)."""
+
+
+# Modules that may hold parameters of their own without being quantized: embeddings and layer scales.
+_FLOAT_OK = (VisionTransformer, LayerScale, PatchEmbed)
+
+
+class QVit(nn.Module):
+    """A quantized view of a timm ViT: ``QVit(model, recipe)`` converts ``model`` in place and wraps it."""
+
+    def __init__(self, model: nn.Module, recipe: QuantRecipe) -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise UnsupportedModelError(f"QVit needs a timm VisionTransformer, got {type(model).__name__}")
+        self.recipe = recipe
+        self.state = QuantState(QuantMode.QUANT)
+        self.model = model
+        self._convert()
+        for name, quantizer in self.model.named_modules():
+            if isinstance(quantizer, TensorQuantizer):
+                quantizer.name = name
+
+    def _convert(self) -> None:
+        recipe, state = self.recipe, self.state
+        # Collect first: converting while iterating named_modules() would visit the new children.
+        modules = list(self.model.named_modules())
+        for name, module in modules:
+            if type(module) is Block:
+                QuantBlock.convert(module)
+            elif isinstance(module, Block):
+                raise UnsupportedModelError(f"block {name!r} is a {type(module).__name__}, not a plain timm Block")
+            elif type(module) is Attention:
+                try:
+                    QuantAttention.convert(
+                        module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax
+                    )
+                except NotImplementedError as exc:
+                    raise UnsupportedModelError(f"attention {name!r}: {exc}") from None
+            elif type(module) is nn.Linear:
+                QuantLinear.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+            elif type(module) is nn.Conv2d:
+                QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+            elif type(module) in (nn.LayerNorm, TimmLayerNorm):
+                QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
+        self._check_converted()
+
+    def _check_converted(self) -> None:
+        quantized = (QuantLinear, QuantConv2d, QuantLayerNorm, QuantAttention, QuantBlock)
+        for name, module in self.model.named_modules():
+            if isinstance(module, (Attention, Block)) and not isinstance(module, quantized):
+                raise UnsupportedModelError(f"{name!r} is a {type(module).__name__}, which QVit cannot quantize")
+            own_params = next(module.parameters(recurse=False), None) is not None
+            if own_params and not isinstance(module, quantized + _FLOAT_OK):
+                raise UnsupportedModelError(
+                    f"module {name!r} ({type(module).__name__}) has weights but no quantized counterpart; "
+                    "QVit supports plain timm ViT/DeiT architectures"
+                )
+
+    # -- modes ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _mode(self, mode: QuantMode) -> Iterator["QVit"]:
+        previous = self.state.mode
+        self.state.mode = mode
+        try:
+            yield self
+        finally:
+            self.state.mode = previous
+
+    def fp32(self) -> contextlib.AbstractContextManager["QVit"]:
+        """Run the unquantized float model (identical to timm with fused attention off)."""
+        return self._mode(QuantMode.FP32)
+
+    def quantized(self) -> contextlib.AbstractContextManager["QVit"]:
+        """Run quantized (the default mode; useful inside :meth:`fp32`)."""
+        return self._mode(QuantMode.QUANT)
+
+    @contextlib.contextmanager
+    def calibrating(self) -> Iterator["QVit"]:
+        """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point."""
+        for quantizer in self.quantizers().values():
+            quantizer.reset_observer()
+        with self._mode(QuantMode.CALIBRATE):
+            yield self
+        self.finalize_calibration()
+
+    @torch.no_grad()
+    def finalize_calibration(self) -> list[str]:
+        """Compute every quantizer's parameters from its observer; returns the points that saw no data."""
+        return [name for name, q in self.quantizers().items() if not q.finalize()]
+
+    @property
+    def mode(self) -> QuantMode:
+        return self.state.mode
+
+    # -- introspection ---------------------------------------------------------------------------------
+    def quantizers(self, include_disabled: bool = True) -> dict[str, TensorQuantizer]:
+        """Every quantization point with a spec, by module path (e.g. ``blocks.3.attn.softmax.output_quant``)."""
+        return {
+            name: m
+            for name, m in self.model.named_modules()
+            if isinstance(m, TensorQuantizer) and m.spec is not None and (include_disabled or m.enabled)
+        }
+
+    @property
+    def is_calibrated(self) -> bool:
+        return all(q.is_calibrated for q in self.quantizers().values())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)

@@ -1,0 +1,242 @@
+"""Typed, validated quantization recipes (FQ-ViT, arXiv 2111.13824, Sec. 4.1 "Implementation details").
+
+A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quantized:
+
+``weight``           every Conv2d / Linear weight;
+``activation``       every input of a Conv2d / Linear / attention matmul (and the softmax input scores
+                     when the integer softmax is used);
+``layernorm_input``  the residual stream where it enters a LayerNorm (FQ-ViT's power-of-two-factor
+                     target, Sec. 3.2);
+``attention``        the softmax output, i.e. the attention map (log2 for log-int-softmax, Sec. 3.3).
+
+A kind set to ``null`` stays in floating point. Recipes live as YAML files in ``configs/`` and are
+loaded with :func:`load_recipe`; every value is checked and a bad one raises :class:`ConfigError`
+with a one-line message naming the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "BitTypeConfig",
+    "ConfigError",
+    "KINDS",
+    "QuantRecipe",
+    "QuantizerSpec",
+    "DEFAULT_RECIPE",
+    "CONFIG_DIR",
+    "available_recipes",
+    "load_recipe",
+    "resolve_recipe_path",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_RECIPE = "fqvit_w8a8_att8"
+KINDS = ("weight", "activation", "layernorm_input", "attention")
+CALIBRATION_MODES = ("layer_wise", "channel_wise")
+
+
+class ConfigError(ValueError):
+    """A recipe value is invalid; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class BitTypeConfig:
+    """An integer grid: ``symmetric`` grids are signed with zero point 0, the others unsigned with a zero point."""
+
+    bits: int = 8
+    symmetric: bool = True
+    name: str = "int8"
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @staticmethod
+    def default_name(bits: int, symmetric: bool) -> str:
+        return f"{'int' if symmetric else 'uint'}{bits}"
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"{where}.bits must be an integer from 2 to 16, got {self.bits!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"{where}.symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"{where}.name must be a non-empty string, got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How one kind of tensor is quantized: grid, range estimator, granularity and quantizer."""
+
+    bit_type: BitTypeConfig = field(default_factory=BitTypeConfig)
+    observer: str = "minmax"
+    calibration_mode: str = "layer_wise"
+    quantizer: str = "uniform"
+    # Percentile observer: fraction of |x| (symmetric) or of each tail (asymmetric) kept inside the range.
+    percentile: float = 0.9999
+    # Streaming histogram of the percentile / KL / OMSE observers (TensorRT's entropy calibrator uses 2048).
+    hist_bins: int = 2048
+    # FQ-ViT power-of-two factor: per-channel scales s * 2^(k - levels + 1), k in [0, levels).
+    power_of_two_factor: bool = False
+    ptf_levels: int = 4
+
+    def validate(self, where: str, kind: str) -> None:
+        from models.ptq.observers import OBSERVERS
+        from models.ptq.quantizers import QUANTIZERS
+
+        self.bit_type.validate(f"{where}.bit_type")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"{where}.observer: unknown observer {self.observer!r}; valid: {', '.join(sorted(OBSERVERS))}")
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"{where}.quantizer: unknown quantizer {self.quantizer!r}; valid: {', '.join(sorted(QUANTIZERS))}")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ConfigError(
+                f"{where}.calibration_mode: unknown mode {self.calibration_mode!r}; valid: {', '.join(CALIBRATION_MODES)}"
+            )
+        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) or not 0.5 < self.percentile <= 1.0:
+            raise ConfigError(f"{where}.percentile must be in (0.5, 1], got {self.percentile!r}")
+        if isinstance(self.hist_bins, bool) or not isinstance(self.hist_bins, int) or not 256 <= self.hist_bins <= 65536:
+            raise ConfigError(f"{where}.hist_bins must be an integer from 256 to 65536, got {self.hist_bins!r}")
+        if isinstance(self.ptf_levels, bool) or not isinstance(self.ptf_levels, int) or not 1 <= self.ptf_levels <= 8:
+            raise ConfigError(f"{where}.ptf_levels must be an integer from 1 to 8, got {self.ptf_levels!r}")
+        if not isinstance(self.power_of_two_factor, bool):
+            raise ConfigError(f"{where}.power_of_two_factor must be true or false, got {self.power_of_two_factor!r}")
+        # Granularities that have no meaning for the tensor kind are refused rather than silently ignored.
+        if kind == "attention" and self.calibration_mode == "channel_wise":
+            raise ConfigError(
+                f"{where}.calibration_mode: channel_wise is meaningless for the attention map (its last axis is tokens); use layer_wise"
+            )
+        if self.quantizer == "log2" and self.calibration_mode == "channel_wise":
+            raise ConfigError(f"{where}: the log2 quantizer has one power-of-two scale per tensor; use calibration_mode: layer_wise")
+        if self.power_of_two_factor:
+            if kind != "layernorm_input":
+                raise ConfigError(f"{where}.power_of_two_factor applies only to layernorm_input (FQ-ViT PTF), not to {kind}")
+            if self.calibration_mode != "channel_wise":
+                raise ConfigError(f"{where}.power_of_two_factor needs calibration_mode: channel_wise (one factor per channel)")
+            if self.quantizer != "uniform":
+                raise ConfigError(f"{where}.power_of_two_factor needs quantizer: uniform")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
+
+    name: str
+    description: str = ""
+    weight: QuantizerSpec | None = None
+    activation: QuantizerSpec | None = None
+    layernorm_input: QuantizerSpec | None = None
+    attention: QuantizerSpec | None = None
+    # Softmax from integer-only arithmetic on the quantized scores (I-BERT i-exp, used by FQ-ViT's LIS).
+    integer_softmax: bool = False
+
+    def validate(self, where: str = "recipe") -> "QuantRecipe":
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"{where}: 'name' must be a non-empty string")
+        if not isinstance(self.integer_softmax, bool):
+            raise ConfigError(f"{where}.integer_softmax must be true or false, got {self.integer_softmax!r}")
+        for kind in KINDS:
+            spec = getattr(self, kind)
+            if spec is not None:
+                spec.validate(f"{where}.{kind}", kind)
+        if self.weight is not None and self.weight.quantizer != "uniform":
+            raise ConfigError(f"{where}.weight.quantizer must be uniform")
+        if self.integer_softmax and self.activation is None:
+            raise ConfigError(f"{where}: integer_softmax needs the activation kind quantized (it runs on the integer scores)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "override") -> "QuantRecipe":
+        """Return a validated copy with dotted keys replaced, e.g. ``{"activation.observer": "kl"}``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            node = data
+            for i, part in enumerate(parts[:-1]):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"{where}: unknown key {key!r}")
+                if node[part] is None:
+                    raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is null (kept in float) in recipe {self.name!r}; set it as a whole")
+                node = node[part]
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise ConfigError(f"{where}: unknown key {key!r}")
+            node[parts[-1]] = value
+            # A grid name derived from bits/symmetric must follow them unless it was set explicitly too.
+            if parts[-2:-1] == ["bit_type"] and parts[-1] in ("bits", "symmetric"):
+                if ".".join(parts[:-1] + ["name"]) not in overrides:
+                    node.pop("name", None)
+        return recipe_from_dict(data, where=where)
+
+
+def _build_dataclass(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    return cls(**data)
+
+
+def _spec_from_dict(data: Any, where: str) -> QuantizerSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping or null, got {type(data).__name__}")
+    data = dict(data)
+    bit_data = data.pop("bit_type", None) or {}
+    if not isinstance(bit_data, Mapping):
+        raise ConfigError(f"{where}.bit_type must be a mapping, got {type(bit_data).__name__}")
+    bit_data = dict(bit_data)
+    bits, symmetric = bit_data.get("bits", 8), bit_data.get("symmetric", True)
+    bit_data.setdefault("name", BitTypeConfig.default_name(bits, symmetric))
+    bit_type = _build_dataclass(BitTypeConfig, bit_data, f"{where}.bit_type")
+    spec = _build_dataclass(QuantizerSpec, data, where)
+    return dataclasses.replace(spec, bit_type=bit_type)
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
+    recipe = _build_dataclass(QuantRecipe, data, where)
+    return dataclasses.replace(recipe, **kinds).validate(where)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """Accept a path to a YAML file or the bare name of a shipped recipe (``fqvit_w8a8_att4``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {str(name_or_path)!r} not found; shipped recipes: {', '.join(available_recipes())}")
+
+
+def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE, overrides: Mapping[str, Any] | None = None) -> QuantRecipe:
+    """Load and validate a recipe file, then apply dotted-key ``overrides``."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML ({str(exc).splitlines()[0]})") from None
+    recipe = recipe_from_dict(data, where=str(path))
+    return recipe.with_overrides(overrides, where=f"{path} + overrides") if overrides else recipe

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny randomly initialised ViTs, generated image folders, and the ../shared data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.pth"
+SHARED_DATA = SHARED / "data" / "imagenet-mini"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+requires_shared = pytest.mark.skipif(
+    not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "train").is_dir() and (SHARED_DATA / "val").is_dir()),
+    reason="../shared (real ImageNet images and DeiT-tiny weights) is absent",
+)
+
+
+def make_tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:
+    """A 2-block ViT on 32x32 images.
+
+    timm's init, with the LayerNorm affine perturbed and the class token / position embedding given the
+    magnitude they have in trained models (at init the class token is ~20x smaller than the patch tokens,
+    so any per-tensor quantization of the residual stream would erase it).
+    """
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    args.update(kwargs)
+    model = VisionTransformer(**args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+        if getattr(model, "cls_token", None) is not None:
+            model.cls_token.normal_(0, 0.5)
+        model.pos_embed.normal_(0, 0.2)
+    return model
+
+
+def tiny_images(n: int = 8, seed: int = 1, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture
+def tiny_vit() -> VisionTransformer:
+    return make_tiny_vit()

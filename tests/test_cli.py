@@ -1,0 +1,215 @@
+"""test_qvit.py as users run it: outputs, exit codes, one-line errors, nothing half-written."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from quant_config import load_recipe
+from utils.demo import make_imagenet_folder
+
+MODEL = "deit_tiny_patch16_224"
+
+
+def run_cli(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "test_qvit.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    make_imagenet_folder(root / "train", classes=2, per_class=4, seed=0, size=64)
+    make_imagenet_folder(root / "val", classes=3, per_class=4, seed=1, size=64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "deit_tiny.pth"
+    torch.save({"model": timm.create_model(MODEL).state_dict()}, path)  # wrapped under 'model'
+    return path
+
+
+def fast(data: Path, log: Path, *extra: object) -> list[object]:
+    return ["--data", data, "--log-dir", log, "--batch-size", 4, "--workers", 0, "--no-progress", *extra]
+
+
+def assert_user_error(result: subprocess.CompletedProcess, log: Path, pattern: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    # Exactly one error line, and it is the last thing printed (warnings about skipped files may precede it).
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    assert re.search(pattern, lines[-1]), lines[-1]
+    assert not log.exists() or not any(log.iterdir()), "a failed run left files behind"
+
+
+def test_help_documents_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--checkpoint", "--data", "--calib-dir", "--val-dir", "--config", "--observer", "--calibration-mode",
+                 "--calib-size", "--batch-size", "--device", "--workers", "--seed", "--log-dir", "--save-calibrated",
+                 "--load-calibrated", "--demo", "--set"):
+        assert flag in result.stdout
+
+
+def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
+    log = tmp_path / "log"
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--calib-size", 50, "--save-calibrated"))
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == log and run_dir.is_dir()
+    assert "exceeds the 8 images" in result.stdout
+    assert "Top-1 (%)" in result.stdout and "Top-1 agreement" in result.stdout
+    summary = json.loads((run_dir / "qvit_summary.json").read_text())
+    for key in ("model", "checkpoint_sha256", "config", "calib_samples", "fp32", "int8", "agreement_top1", "timings_s", "versions"):
+        assert key in summary
+    assert summary["model"] == MODEL
+    assert summary["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert summary["config"] == load_recipe("fqvit_w8a8_att8").to_dict()
+    assert summary["calib_samples"] == 8
+    for side in ("fp32", "int8"):
+        m = summary[side]
+        assert set(m) >= {"top1", "top5", "precision", "recall", "f1", "samples"}
+        assert m["samples"] == 12 and 0 <= m["top1"] <= m["top5"] <= 100
+        assert all(0 <= m[k] <= 1 for k in ("precision", "recall", "f1"))
+    assert 0 <= summary["agreement_top1"] <= 1
+    assert set(summary["timings_s"]) == {"calibration", "eval_fp32", "eval_int8"}
+    assert all(t > 0 for t in summary["timings_s"].values())
+    assert summary["versions"]["torch"] == torch.__version__
+    assert "Top-1 (%)" in (run_dir / "qvit_results.txt").read_text()
+    assert (run_dir / "calibrated.pt").is_file()
+
+    again = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt"))
+    assert again.returncode == 0, again.stderr
+    second = Path(again.stdout.strip().splitlines()[-1])
+    assert second != run_dir and run_dir.is_dir()
+    reloaded = json.loads((second / "qvit_summary.json").read_text())
+    assert reloaded["int8"] == summary["int8"] and reloaded["agreement_top1"] == summary["agreement_top1"]
+    assert reloaded["calib_samples"] == 0 and reloaded["calibration"]["loaded_from"].endswith("calibrated.pt")
+
+    other_weights = tmp_path / "other.pth"
+    import timm
+
+    torch.save(timm.create_model(MODEL).state_dict(), other_weights)
+    log2 = tmp_path / "log2"
+    mismatch = run_cli("--model", MODEL, "--checkpoint", other_weights, *fast(data, log2, "--load-calibrated", run_dir / "calibrated.pt"))
+    assert_user_error(mismatch, log2, "calibrated on other weights")
+
+
+def test_demo_runs_offline(tmp_path):
+    log = tmp_path / "log"
+    result = run_cli("--demo", "--log-dir", log, "--no-progress", "--workers", 0)
+    assert result.returncode == 0, result.stderr
+    assert "mean nothing" in result.stdout
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "qvit_summary.json").read_text())
+    assert summary["demo"] is True and summary["int8"]["samples"] == 200 and summary["calib_samples"] == 100
+
+
+@pytest.mark.parametrize(
+    "make_args,pattern",
+    [
+        (lambda d, t: ["--data", t / "missing"], "missing: no such directory"),
+        (lambda d, t: ["--calib-dir", d / "train"], "no data: pass --data"),
+        (lambda d, t: ["--data", d, "--calib-size", 0], "--calib-size must be at least 1"),
+        (lambda d, t: ["--data", d, "--config", "nope"], "config 'nope' not found; shipped recipes"),
+        (lambda d, t: ["--data", d, "--observer", "median"], "unknown observer 'median'; valid: kl, minmax, omse, percentile"),
+        (lambda d, t: ["--data", d, "--set", "activation.obsrver=kl"], "unknown key 'activation.obsrver'"),
+        (lambda d, t: ["--data", d, "--set", "attention.bit_type.bits=1"], "bits must be an integer from 2 to 16"),
+        (lambda d, t: ["--data", d, "--model", "vit_base_patch16_2244"], "unknown model 'vit_base_patch16_2244'; did you mean"),
+        (lambda d, t: ["--data", d, "--checkpoint", t / "none.pth"], "none.pth: no such file"),
+        (lambda d, t: ["--data", d, "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
+        (lambda d, t: ["--demo", "--data", d], "--demo makes its own model"),
+        (lambda d, t: ["--data", d, "--load-calibrated", t / "x.pt", "--observer", "kl"], "uses the recipe stored in the file"),
+    ],
+)
+def test_bad_arguments(data, tmp_path, make_args, pattern):
+    log = tmp_path / "log"
+    assert_user_error(run_cli(*make_args(data, tmp_path), "--log-dir", log, "--no-progress"), log, pattern)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(data, tmp_path):
+    log = tmp_path / "log"
+    assert_user_error(run_cli("--data", data, "--device", "cuda", "--log-dir", log), log, "no CUDA GPU is available")
+
+
+def test_bad_config_file(data, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "configs" / "fqvit_w8a8_att8.yaml").read_text().replace("observer: minmax", "observer: mean", 1))
+    log = tmp_path / "log"
+    assert_user_error(run_cli("--data", data, "--config", cfg, "--log-dir", log), log, r"bad.yaml.weight.observer: unknown observer 'mean'")
+
+
+def test_empty_split(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    log = tmp_path / "log"
+    assert_user_error(run_cli("--data", tmp_path / "data", "--log-dir", log), log, "val: no class folders")
+
+
+def test_checkpoint_of_another_model(data, tmp_path):
+    import timm
+
+    wrong = tmp_path / "small.pth"
+    torch.save(timm.create_model("deit_small_patch16_224").state_dict(), wrong)
+    log = tmp_path / "log"
+    result = run_cli("--model", MODEL, "--checkpoint", wrong, *fast(data, log))
+    assert_user_error(result, log, r"does not fit deit_tiny_patch16_224: \d+ shape mismatch\(es\): .*\(checkpoint \[384")
+
+
+def test_corrupt_checkpoint(data, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage" * 100)
+    log = tmp_path / "log"
+    assert_user_error(run_cli("--model", MODEL, "--checkpoint", bad, *fast(data, log)), log, "cannot read it as a PyTorch file")
+
+
+def test_unreadable_calibration_images_leave_no_run_folder(checkpoint, tmp_path):
+    root = tmp_path / "data"
+    make_imagenet_folder(root / "val", classes=1, per_class=2, seed=0, size=64)
+    (root / "train" / "n01440764").mkdir(parents=True)
+    for i in range(3):
+        (root / "train" / "n01440764" / f"{i}.JPEG").write_bytes(b"\xff\xd8\xff broken jpeg")
+    log = tmp_path / "log"
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root, log))
+    assert_user_error(result, log, r"no readable calibration image \(3 unreadable\)")
+
+
+def test_unreadable_images_are_skipped_and_reported(checkpoint, data, tmp_path):
+    root = tmp_path / "data"
+    make_imagenet_folder(root / "train", classes=1, per_class=3, seed=0, size=64)
+    make_imagenet_folder(root / "val", classes=1, per_class=3, seed=1, size=64)
+    (root / "val" / "n01440764" / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff broken jpeg")
+    log = tmp_path / "log"
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root, log))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable evaluation image" in result.stdout
+    summary = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "qvit_summary.json").read_text())
+    assert summary["evaluation"]["unreadable"] == 1 and summary["int8"]["samples"] == 3
+
+
+def test_bad_calibrated_files(data, checkpoint, tmp_path):
+    log = tmp_path / "log"
+    garbage = tmp_path / "calibrated.pt"
+    garbage.write_bytes(b"nope")
+    assert_user_error(run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "cannot read it")
+    torch.save({"something": torch.zeros(1)}, garbage)
+    assert_user_error(
+        run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "not written by test_qvit.py"
+    )
+    exists = tmp_path / "exists.pt"
+    exists.write_bytes(b"")
+    assert_user_error(run_cli(*fast(data, log, "--save-calibrated", exists)), log, "file exists")

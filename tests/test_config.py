@@ -1,0 +1,93 @@
+"""Recipes: shipped files load, every invalid value is refused with a clear message."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes, load_recipe, recipe_from_dict
+
+
+def base() -> dict:
+    return yaml.safe_load(open(load_recipe.__globals__["CONFIG_DIR"] / "fqvit_w8a8_att4.yaml"))
+
+
+def test_shipped_recipes_load():
+    names = available_recipes()
+    assert {"fqvit_w8a8_att4", "fqvit_w8a8_att8", "minmax_w8a8"} <= set(names)
+    assert DEFAULT_RECIPE == "fqvit_w8a8_att8"
+    att4 = load_recipe("fqvit_w8a8_att4")
+    assert att4.integer_softmax and att4.attention.quantizer == "log2" and att4.attention.bit_type.bits == 4
+    assert att4.layernorm_input.power_of_two_factor
+    assert att4.weight.calibration_mode == "channel_wise" and att4.weight.bit_type.name == "int8"
+    baseline = load_recipe("configs/minmax_w8a8.yaml")
+    assert baseline.layernorm_input is None and baseline.attention is None and not baseline.integer_softmax
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("activation.bit_type.bits", 1, "bits must be an integer from 2 to 16"),
+        ("activation.bit_type.bits", 17, "bits must be an integer from 2 to 16"),
+        ("activation.observer", "median", "unknown observer 'median'; valid: kl, minmax, omse, percentile"),
+        ("activation.quantizer", "cubic", "unknown quantizer 'cubic'; valid: log2, uniform"),
+        ("activation.calibration_mode", "head_wise", "unknown mode 'head_wise'"),
+        ("attention.calibration_mode", "channel_wise", "meaningless for the attention map"),
+        ("activation.power_of_two_factor", True, "applies only to layernorm_input"),
+        ("layernorm_input.calibration_mode", "layer_wise", "needs calibration_mode: channel_wise"),
+        ("activation.percentile", 1.5, "percentile must be in"),
+        ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one power-of-two scale per tensor"),
+    ],
+)
+def test_invalid_values_are_refused(path, value, message):
+    data = base()
+    node = data
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        recipe_from_dict(data, where="x.yaml")
+
+
+def test_unknown_keys_are_named():
+    data = base()
+    data["activation"]["obsrver"] = "kl"
+    with pytest.raises(ConfigError, match="x.yaml.activation: unknown key 'obsrver'"):
+        recipe_from_dict(data, where="x.yaml")
+    data = base()
+    data["softmax"] = {}
+    with pytest.raises(ConfigError, match="unknown key 'softmax'"):
+        recipe_from_dict(data, where="x.yaml")
+
+
+def test_integer_softmax_needs_quantized_activations():
+    data = base()
+    data["activation"] = None
+    with pytest.raises(ConfigError, match="integer_softmax needs the activation kind"):
+        recipe_from_dict(data)
+
+
+def test_overrides_apply_and_revalidate():
+    recipe = load_recipe("fqvit_w8a8_att8", {"activation.observer": "kl", "attention.bit_type.bits": 6})
+    assert recipe.activation.observer == "kl"
+    assert recipe.attention.bit_type.bits == 6 and recipe.attention.bit_type.name == "uint6"
+    with pytest.raises(ConfigError, match="unknown key 'activation.obs'"):
+        load_recipe("fqvit_w8a8_att8", {"activation.obs": "kl"})
+    with pytest.raises(ConfigError, match="layernorm_input is null"):
+        load_recipe("minmax_w8a8", {"layernorm_input.observer": "kl"})
+    with pytest.raises(ConfigError, match="unknown observer"):
+        load_recipe("fqvit_w8a8_att8", {"activation.observer": "nope"})
+
+
+def test_missing_recipe_lists_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="shipped recipes: .*fqvit_w8a8_att4"):
+        load_recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="cannot read YAML"):
+        load_recipe(bad)
+
+
+def test_round_trip_through_dict():
+    recipe = load_recipe("fqvit_w8a8_att4")
+    assert recipe_from_dict(recipe.to_dict()) == recipe

@@ -1,0 +1,49 @@
+"""Metrics against a plain per-class loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from utils.metrics import classification_metrics
+
+
+def reference(labels, topk):
+    pred = [row[0] for row in topk]
+    precisions, recalls, f1s = [], [], []
+    for c in sorted(set(labels)):
+        tp = sum(1 for p, y in zip(pred, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(pred, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(pred, labels) if p != c and y == c)
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        precisions.append(p)
+        recalls.append(r)
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    top1 = 100 * sum(p == y for p, y in zip(pred, labels)) / len(labels)
+    top5 = 100 * sum(y in row[:5] for row, y in zip(topk, labels)) / len(labels)
+    return top1, top5, np.mean(precisions), np.mean(recalls), np.mean(f1s)
+
+
+def test_metrics_match_reference_loop():
+    rng = np.random.default_rng(0)
+    labels = rng.choice([3, 7, 11, 500, 999], size=300)
+    topk = rng.integers(0, 1000, size=(300, 5))
+    hits = rng.random(300) < 0.6
+    topk[hits, 0] = labels[hits]  # some correct top-1
+    near = ~hits & (rng.random(300) < 0.3)
+    topk[near, 2] = labels[near]  # some correct only in the top-5
+    m = classification_metrics(labels, topk)
+    top1, top5, p, r, f1 = reference(labels.tolist(), topk.tolist())
+    assert (m.top1, m.top5) == (pytest.approx(top1), pytest.approx(top5))
+    assert (m.precision, m.recall, m.f1) == (pytest.approx(p), pytest.approx(r), pytest.approx(f1))
+    assert m.samples == 300
+
+
+def test_never_predicted_class_and_absent_class_predictions():
+    labels = np.array([1, 1, 2, 2])
+    topk = np.array([[1], [1], [1], [5]])  # class 2 never predicted; class 5 absent from labels
+    m = classification_metrics(labels, topk)
+    assert m.top1 == 50.0
+    assert m.precision == pytest.approx((2 / 3 + 0.0) / 2)
+    assert m.recall == pytest.approx((1.0 + 0.0) / 2)
+    assert m.f1 == pytest.approx((0.8 + 0.0) / 2)

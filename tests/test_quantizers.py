@@ -1,0 +1,171 @@
+"""Quantizer methods and TensorQuantizer against independent NumPy computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.ptq.quantizers import Log2Quantizer, UniformQuantizer, build_quantizer
+from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
+from quant_config import BitTypeConfig, QuantizerSpec
+
+INT8 = BitTypeConfig(8, True, "int8")
+UINT8 = BitTypeConfig(8, False, "uint8")
+
+
+def np_uniform_qparams(lo: float, hi: float, bt: BitTypeConfig) -> tuple[float, float]:
+    if bt.symmetric:
+        return max(abs(lo), abs(hi)) / bt.qmax, 0.0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / (bt.qmax - bt.qmin)
+    return scale, float(np.clip(bt.qmin - np.round(lo / scale), bt.qmin, bt.qmax))
+
+
+def np_fake_quant(x: np.ndarray, scale, zp, bt: BitTypeConfig) -> np.ndarray:
+    q = np.clip(np.round(x / np.float32(scale)) + zp, bt.qmin, bt.qmax)
+    return ((q - zp) * np.float32(scale)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bt", [INT8, UINT8, BitTypeConfig(4, False, "uint4"), BitTypeConfig(6, True, "int6")])
+def test_uniform_matches_numpy_reference(bt):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(10_000) * 3 + 0.5).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    method = UniformQuantizer()
+    scale, zp = method.qparams(torch.tensor(lo), torch.tensor(hi), bt)
+    ref_scale, ref_zp = np_uniform_qparams(lo, hi, bt)
+    assert scale.item() == pytest.approx(ref_scale, rel=1e-6)
+    assert zp.item() == ref_zp
+    out = method.fake_quant(torch.from_numpy(x), scale, zp, bt).numpy()
+    np.testing.assert_allclose(out, np_fake_quant(x, scale.item(), ref_zp, bt), rtol=0, atol=1e-6)
+    # Every value inside the range is reproduced to half a step.
+    assert np.abs(out - x).max() <= scale.item() / 2 + 1e-6
+    if bt.symmetric:
+        assert zp.item() == 0
+
+
+def test_uniform_clips_outside_range_and_keeps_zero_exact():
+    bt = UINT8
+    method = UniformQuantizer()
+    scale, zp = method.qparams(torch.tensor(-1.0), torch.tensor(3.0), bt)
+    x = torch.tensor([0.0, -5.0, 10.0])
+    out = method.fake_quant(x, scale, zp, bt)
+    assert out[0].item() == 0.0
+    assert out[1].item() == pytest.approx(-zp.item() * scale.item())
+    assert out[2].item() == pytest.approx((255 - zp.item()) * scale.item())
+
+
+def test_log2_maps_powers_of_two_exactly():
+    bt = BitTypeConfig(4, False, "uint4")
+    method = Log2Quantizer()
+    scale, zp = method.qparams(torch.tensor(0.0), torch.tensor(1.0), bt)
+    assert scale.item() == 1.0 and zp.item() == 0.0
+    max_code = Log2Quantizer.max_code(bt)
+    assert max_code == 14  # 16 codes: 2^0 .. 2^-14 and zero
+    powers = torch.exp2(-torch.arange(0, max_code + 1, dtype=torch.float32))
+    assert torch.equal(method.fake_quant(powers, scale, zp, bt), powers)
+    # Zero and values far below the smallest power map to zero; rounding happens in the log domain.
+    out = method.fake_quant(torch.tensor([0.0, 2.0**-20, 0.7, 0.72, 0.3]), scale, zp, bt)
+    assert out.tolist() == [0.0, 0.0, 0.5, 1.0, 0.25]
+
+
+def test_log2_scale_is_power_of_two_and_signed_grid_keeps_sign():
+    bt = BitTypeConfig(5, True, "int5")
+    method = Log2Quantizer()
+    scale, _ = method.qparams(torch.tensor(-3.0), torch.tensor(2.5), bt)
+    assert scale.item() == 4.0
+    x = torch.tensor([-2.0, 1.0, -0.5, 0.0])
+    assert method.fake_quant(x, scale, torch.zeros(()), bt).tolist() == [-2.0, 1.0, -0.5, 0.0]
+
+
+def test_build_quantizer_lists_valid_names():
+    with pytest.raises(ValueError, match="log2, uniform"):
+        build_quantizer("nope")
+
+
+def _spec(**kw) -> QuantizerSpec:
+    return QuantizerSpec(**kw)
+
+
+def test_tensor_quantizer_channel_wise_weight_axis0_matches_rows():
+    torch.manual_seed(0)
+    w = torch.randn(6, 20) * torch.linspace(0.1, 3, 6)[:, None]
+    state = QuantState(QuantMode.CALIBRATE)
+    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=6, channel_axis=0, static=True)
+    q(w)
+    assert q.finalize()
+    ref = w.abs().amax(dim=1) / 127
+    assert q.scale.shape == (6,)
+    torch.testing.assert_close(q.scale, ref)
+    assert torch.all(q.zero_point == 0)
+    state.mode = QuantMode.QUANT
+    out = q(w)
+    assert ((out - w).abs() <= q.scale[:, None] / 2 + 1e-7).all()
+
+
+def test_tensor_quantizer_channel_wise_activation_last_axis():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 5) * torch.tensor([0.5, 1, 2, 4, 8])
+    state = QuantState(QuantMode.CALIBRATE)
+    q = TensorQuantizer(_spec(bit_type=UINT8, calibration_mode="channel_wise"), state, num_channels=5)
+    q(x)
+    q.finalize()
+    flat = x.reshape(-1, 5)
+    lo, hi = flat.amin(0).clamp(max=0), flat.amax(0).clamp(min=0)
+    torch.testing.assert_close(q.scale, (hi - lo) / 255)
+    assert q.scale.shape == (5,)
+
+
+def test_tensor_quantizer_modes_and_uncalibrated_error():
+    state = QuantState(QuantMode.QUANT)
+    q = TensorQuantizer(_spec(bit_type=UINT8), state)
+    q.name = "blocks.0.attn.qkv.input_quant"
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.input_quant.*before calibration"):
+        q(x)
+    state.mode = QuantMode.FP32
+    assert q(x) is x
+    disabled = TensorQuantizer(None, state)
+    state.mode = QuantMode.QUANT
+    assert disabled(x) is x
+
+
+def test_static_weight_cache_follows_in_place_updates():
+    state = QuantState(QuantMode.CALIBRATE)
+    w = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
+    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=4, channel_axis=0, static=True)
+    q(w)
+    q.finalize()
+    state.mode = QuantMode.QUANT
+    with torch.no_grad():
+        first = q(w).clone()
+        assert q(w) is q(w)  # cached
+        w.mul_(0.5)
+        second = q(w)
+    assert not torch.equal(second, first)
+    torch.testing.assert_close(second, q.fake_quant(w.detach()), atol=0, rtol=0)
+
+
+def test_straight_through_gradient():
+    state = QuantState(QuantMode.CALIBRATE)
+    q = TensorQuantizer(_spec(bit_type=UINT8), state)
+    x = torch.randn(100, requires_grad=True)
+    q(x.detach())
+    q.finalize()
+    state.mode = QuantMode.QUANT
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(100))
+
+
+def test_more_bits_give_smaller_error():
+    torch.manual_seed(0)
+    x = torch.randn(10_000)
+    errors = []
+    for bits in (4, 6, 8):
+        state = QuantState(QuantMode.CALIBRATE)
+        q = TensorQuantizer(_spec(bit_type=BitTypeConfig(bits, True, f"int{bits}")), state)
+        q(x)
+        q.finalize()
+        state.mode = QuantMode.QUANT
+        errors.append((q(x) - x).square().mean().item())
+    assert errors[0] > errors[1] > errors[2]

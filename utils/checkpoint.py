@@ -1,0 +1,193 @@
+"""Creating timm ViTs, loading local checkpoints, and saving / loading calibrated quantizer states.
+
+Every failure a user can cause (unknown model, unreadable or mismatching checkpoint, no network for
+pretrained weights, a calibrated file made for other weights) raises :class:`UserError` with one line.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from models.quant_vit import QVit
+from quant_config import ConfigError, QuantRecipe, recipe_from_dict
+from utils.errors import UserError
+
+__all__ = [
+    "supported_models",
+    "check_model_name",
+    "create_model",
+    "load_checkpoint",
+    "file_sha256",
+    "weights_sha256",
+    "save_calibrated",
+    "load_calibrated",
+    "CALIBRATED_FORMAT",
+]
+
+CALIBRATED_FORMAT = "qvit-calibrated/1"
+
+
+def supported_models() -> list[str]:
+    import timm
+
+    return sorted(timm.list_models(["vit_*", "deit_*"]))
+
+
+def check_model_name(name: str) -> None:
+    names = supported_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; expected a timm vit_*/deit_* model such as vit_base_patch16_224"
+        raise UserError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """A timm model in eval mode; ``pretrained`` downloads timm's weights."""
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # timm/hub raise many types when offline or when a name has no weights
+        if pretrained:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot load pretrained weights for {name} ({reason}); pass --checkpoint PATH to use local weights") from None
+        raise
+    return model.eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Fingerprint of a model's float weights (quantizer state excluded), independent of the file they came from."""
+    from models.ptq.tensor_quantizer import TensorQuantizer
+
+    quantizer_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, TensorQuantizer))
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if quantizer_prefixes and key.startswith(quantizer_prefixes):
+            continue
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: not a state dict of tensors (plain, or under a 'model'/'state_dict' key)")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> str:
+    """Load a local state dict into ``model``, naming any key or shape mismatch; returns the file's sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path}: cannot read it as a PyTorch file ({str(exc).splitlines()[0][:200]})") from None
+    state = _unwrap_state_dict(obj, path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:3])}")
+        raise UserError(f"checkpoint {path} does not fit {model_name}: {' | '.join(parts)}")
+    model.load_state_dict(state)
+    return file_sha256(path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_fingerprint: str, checkpoint_sha256: str | None) -> None:
+    """Write the calibrated quantizer state (scales, zero points) with what it was calibrated for."""
+    quantizer_state = {k: v.detach().cpu() for k, v in qvit.state_dict().items() if _is_quantizer_key(qvit, k)}
+    record = {
+        "format": CALIBRATED_FORMAT,
+        "model": model_name,
+        "recipe": qvit.recipe.to_dict(),
+        "weights_sha256": weights_fingerprint,
+        "checkpoint_sha256": checkpoint_sha256,
+        "quantizers": quantizer_state,
+    }
+    _atomic_torch_save(record, Path(path))
+
+
+def _is_quantizer_key(qvit: QVit, key: str) -> bool:
+    module_path, _, _ = key.rpartition(".")
+    return module_path.startswith("model.") and module_path[len("model.") :] in qvit.quantizers()
+
+
+def read_calibrated(path: str | Path) -> tuple[dict[str, Any], QuantRecipe]:
+    """Read a calibrated file and its recipe, checking its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibrated file {path}: no such file")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"calibrated file {path}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(record, Mapping) or record.get("format") != CALIBRATED_FORMAT:
+        raise UserError(f"calibrated file {path}: not written by test_qvit.py --save-calibrated (format {CALIBRATED_FORMAT})")
+    try:
+        recipe = recipe_from_dict(record["recipe"], where=f"{path} recipe")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    return dict(record), recipe
+
+
+def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, weights_fingerprint: str) -> None:
+    """Restore the quantizer state of ``record`` into ``qvit`` (built with the record's model and recipe)."""
+    if record["weights_sha256"] != weights_fingerprint:
+        raise UserError(
+            f"calibrated file {path} was calibrated on other weights of {record['model']}; "
+            "pass the same --checkpoint (or pretrained weights) it was made with"
+        )
+    state = record["quantizers"]
+    expected = {k for k in qvit.state_dict() if _is_quantizer_key(qvit, k)}
+    if set(state) != expected:
+        raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
+    qvit.load_state_dict(state, strict=False)
+    if not qvit.is_calibrated:
+        raise UserError(f"calibrated file {path} holds uncalibrated quantizers")

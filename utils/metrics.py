@@ -1,0 +1,56 @@
+"""Classification metrics of one evaluation: top-1/top-5 accuracy and macro precision / recall / F1.
+
+Macro averages run over the classes present in the evaluation labels (an ImageNet subset holds only
+some of the 1000 classes): per class ``precision = TP / (TP + FP)`` and ``recall = TP / (TP + FN)``,
+0 when the denominator is 0, ``F1 = 2PR / (P + R)`` (0 when both are 0), then the unweighted mean.
+Predictions of absent classes count as false negatives of the true class only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["ClassificationMetrics", "classification_metrics"]
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    top1: float  # percent
+    top5: float  # percent
+    precision: float  # fraction, macro
+    recall: float  # fraction, macro
+    f1: float  # fraction, macro
+    samples: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def classification_metrics(labels: np.ndarray, topk: np.ndarray) -> ClassificationMetrics:
+    """``labels`` (N,) true classes, ``topk`` (N, k>=1) predicted classes, best first."""
+    labels = np.asarray(labels, dtype=np.int64)
+    topk = np.asarray(topk, dtype=np.int64).reshape(len(labels), -1)
+    n = len(labels)
+    if n == 0:
+        raise ValueError("no samples to score")
+    pred = topk[:, 0]
+    top1 = float((pred == labels).mean() * 100.0)
+    top5 = float((topk[:, :5] == labels[:, None]).any(axis=1).mean() * 100.0)
+    classes = np.unique(labels)
+    size = int(max(labels.max(), pred.max())) + 1
+    tp = np.bincount(labels[pred == labels], minlength=size)[classes].astype(np.float64)
+    predicted = np.bincount(pred, minlength=size)[classes].astype(np.float64)
+    actual = np.bincount(labels, minlength=size)[classes].astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = tp / actual
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return ClassificationMetrics(
+        top1=top1,
+        top5=top5,
+        precision=float(precision.mean()),
+        recall=float(recall.mean()),
+        f1=float(f1.mean()),
+        samples=n,
+    )
