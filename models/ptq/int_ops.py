@@ -12,16 +12,17 @@ S = 0.16). We first move the integers to a grid ``2^k`` times finer (a left shif
 arithmetic) so that ln2 spans at least 4096 steps (int32 still holds the polynomial); the remaining error is the polynomial's
 (relative error <= 0.31% on (-ln2, 0]) plus at most ln2 / 4096 per halving.
 
-Everything here runs on integer-valued float tensors, so it fake-quantizes on any device.
+Everything here runs on integer-valued float tensors with Python-float constants, so it fake-quantizes
+on any device without a host round trip.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-__all__ = ["int_exp", "int_softmax", "IEXP_COEFFS", "IEXP_MAX_ABS_ERROR", "IEXP_MAX_REL_ERROR"]
+__all__ = ["IExpConstants", "int_exp", "int_softmax", "IEXP_COEFFS", "IEXP_MAX_ABS_ERROR", "IEXP_MAX_REL_ERROR"]
 
 IEXP_COEFFS = (0.3585, 1.353, 0.344)  # a, b, c of I-BERT's exp approximation on (-ln2, 0]
 # Error bounds of int_exp on any integer grid, checked by the tests (measured: 0.0022 and 0.45%):
@@ -31,39 +32,44 @@ _LN2 = math.log(2.0)
 _MIN_LN2_STEPS = 4096.0
 
 
-def _refine(scale: Tensor) -> Tensor:
-    """Power-of-two factor 2^k that makes ln2 span at least 4096 steps of ``scale / 2^k``."""
-    k = torch.ceil(torch.log2(scale * (_MIN_LN2_STEPS / _LN2))).clamp_(min=0.0)
-    return torch.exp2(k)
+@dataclass(frozen=True)
+class IExpConstants:
+    """The integers of i-exp for one input scale, computed once per calibration (Python floats)."""
+
+    factor: float  # 2^k: left shift onto the finer grid
+    ln2_int: float  # floor(ln2 / fine_scale)
+    b_int: float  # floor(b / fine_scale)
+    c_int: float  # floor(c / (a * fine_scale^2))
+    exp_scale: float  # a * fine_scale^2, the scale of the result
+
+    @classmethod
+    def from_scale(cls, scale: float) -> "IExpConstants":
+        a, b, c = IEXP_COEFFS
+        # Smallest power-of-two refinement that makes ln2 span at least 4096 steps.
+        factor = 2.0 ** max(0, math.ceil(math.log2(scale * _MIN_LN2_STEPS / _LN2)))
+        fine = scale / factor
+        return cls(factor, math.floor(_LN2 / fine), math.floor(b / fine), math.floor(c / (a * fine * fine)), a * fine * fine)
 
 
-def int_exp(x_int: Tensor, scale: Tensor, max_halvings: int = 30) -> tuple[Tensor, Tensor]:
-    """``exp(x_int * scale) ~= exp_int * exp_scale`` for integer-valued ``x_int <= 0``.
+def int_exp(x_int: Tensor, constants: IExpConstants, max_halvings: int = 30) -> Tensor:
+    """Integer-valued ``exp_int`` with ``exp(x_int * scale) ~= exp_int * constants.exp_scale``.
 
-    Returns the integer-valued ``exp_int`` (float tensor) and the 0-dim ``exp_scale``. ``x_int`` is
-    modified in place.
+    ``x_int`` holds integers <= 0 (as floats) and is modified in place.
     """
-    a, b, c = IEXP_COEFFS
-    factor = _refine(scale)
-    fine_scale = scale / factor
-    x = x_int.mul_(factor)  # left shift onto the finer grid
-    ln2_int = torch.floor(_LN2 / fine_scale)
-    b_int = torch.floor(b / fine_scale)
-    c_int = torch.floor(c / (a * fine_scale * fine_scale))
-    x.clamp_(min=-max_halvings * ln2_int)
-    z = torch.div(x, ln2_int).neg_().floor_()  # number of halvings, >= 0 (floor(-x / ln2_int))
-    r = x.addcmul_(z, ln2_int)  # in (-ln2_int, 0]
-    poly = r.add_(b_int).square_().add_(c_int)  # a (r + b)^2 + c in units of a * fine_scale^2
-    exp_int = poly.mul_(z.neg_().exp2_()).floor_()  # shift right by z
-    return exp_int, a * fine_scale * fine_scale
+    k = constants
+    x = x_int.mul_(k.factor).clamp_(min=-max_halvings * k.ln2_int)  # left shift onto the finer grid
+    z = x.div(-k.ln2_int).floor_()  # number of halvings, >= 0
+    r = x.add_(z, alpha=k.ln2_int)  # in (-ln2_int, 0]
+    poly = r.add_(k.b_int).square_().add_(k.c_int)  # a (r + b)^2 + c in units of a * fine_scale^2
+    return poly.mul_(z.neg_().exp2_()).floor_()  # shift right by z
 
 
-def int_softmax(x: Tensor, scale: Tensor, dim: int = -1) -> Tensor:
+def int_softmax(x: Tensor, scale: float, constants: IExpConstants | None = None, dim: int = -1) -> Tensor:
     """Softmax of the quantized scores ``x`` (multiples of ``scale``) through :func:`int_exp`.
 
     Returns the probabilities ``exp_int / sum(exp_int)``; the caller quantizes them (log2 or uniform),
     which in integer hardware is a division of two integers followed by a rounding.
     """
     x_int = (x - x.amax(dim=dim, keepdim=True)).div_(scale).round_()
-    exp_int, _ = int_exp(x_int, scale)
+    exp_int = int_exp(x_int, constants or IExpConstants.from_scale(scale))
     return exp_int.div_(exp_int.sum(dim=dim, keepdim=True))

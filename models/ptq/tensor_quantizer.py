@@ -27,6 +27,11 @@ __all__ = ["QuantMode", "QuantState", "TensorQuantizer"]
 log = logging.getLogger(__name__)
 
 
+def _version(t: Tensor) -> int:
+    """In-place update counter (inference-mode tensors have none and cannot be updated outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 class QuantMode(enum.Enum):
     FP32 = "fp32"
     CALIBRATE = "calibrate"
@@ -81,6 +86,10 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
         self._ready = False  # mirror of `calibrated` that needs no device sync
         self._cache: tuple[Any, Tensor] | None = None
+        # Per-tensor scale and uniform zero points as Python floats: the fast path, read back once.
+        self._args_key: tuple[int, int] | None = None
+        self._scale_float: float | None = None
+        self._zp_float: float | None = None
         self.method = self.observer = self.ptf = None
         if spec is not None:
             self.method = build_quantizer(spec.quantizer)
@@ -168,9 +177,30 @@ class TensorQuantizer(nn.Module):
         shape[axis] = t.numel()
         return t.view(shape)
 
+    def _refresh_args(self) -> None:
+        key = (_version(self.scale), _version(self.zero_point))
+        if key == self._args_key and key != (-1, -1):
+            return
+        self._scale_float = float(self.scale) if self.scale.dim() == 0 else None
+        zp = self.zero_point.reshape(-1)
+        # PTF and symmetric per-channel grids share one zero point: scalar clamp bounds are much faster.
+        self._zp_float = float(zp[0]) if bool((zp == zp[0]).all()) else None
+        self._args_key = key
+
+    @property
+    def scale_value(self) -> float:
+        """The per-tensor scale as a Python float (read from the device once per calibration)."""
+        self._refresh_args()
+        if self._scale_float is None:
+            raise ValueError(f"quantizer {self.name or '?'} has per-channel scales")
+        return self._scale_float
+
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks)."""
-        return self.method.fake_quant(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.spec.bit_type)
+        self._refresh_args()
+        scale = self._scale_float if self._scale_float is not None else self._broadcast(self.scale, x)
+        zero_point = self._zp_float if self._zp_float is not None else self._broadcast(self.zero_point, x)
+        return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
 
     def quantize(self, x: Tensor) -> Tensor:
         if not self._ready:
@@ -181,7 +211,7 @@ class TensorQuantizer(nn.Module):
                 noise = self.fake_quant(x) - x
             return x + noise
         if self.static and not torch.is_grad_enabled():
-            key = (x.data_ptr(), x._version, x.device, x.dtype, self.scale._version, self.zero_point._version)
+            key = (x.data_ptr(), x.device, x.dtype, _version(x), _version(self.scale), _version(self.zero_point))
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self.fake_quant(x))
             return self._cache[1]

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Speed benchmark: FP32 vs fake-quant evaluation throughput, and calibration cost per observer.
+
+    python bench/bench_qvit.py                                  # deit_tiny + vit_base, batch 32
+    python bench/bench_qvit.py --models deit_tiny_patch16_224 --iters 5
+
+Prints two tables and their ratios:
+* evaluation images/s of the FP32 model (QVit in FP32 mode = timm with the softmax visible, and
+  timm's fused attention for reference) and of each recipe's fake-quant model, with
+  ``INT8 time / FP32 time`` (target <= 1.5x, the integer softmax included);
+* calibration seconds per image for each observer (default recipe, all activation kinds switched to
+  the observer), with the ratio to MinMax (target <= 3x for KL and OMSE).
+
+Timings are medians over ``--iters`` timed batches after one warm-up batch. Inputs are real images
+from ``--data`` when given (calibration statistics depend a little on the data), random tensors
+otherwise; weights are random unless the model is DeiT-tiny and ../shared holds its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from models.quant_vit import QVit  # noqa: E402
+from quant_config import available_recipes, load_recipe  # noqa: E402
+from utils.checkpoint import create_model, load_checkpoint  # noqa: E402
+
+SHARED_DEIT = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
+OBSERVERS = ("minmax", "percentile", "omse", "kl")
+
+
+def batches(model_name: str, data: Path | None, batch: int, count: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    if data is None:
+        return [torch.randn(batch, 3, 224, 224) for _ in range(count)]
+    from timm.data import create_transform, resolve_data_config
+
+    from utils.data import calibration_subset, make_loader, scan_split
+
+    model = create_model(model_name, pretrained=False)
+    transform = create_transform(**resolve_data_config(model=model))
+    samples = calibration_subset(scan_split(data), batch * count, seed=0)
+    return [x for x, _, _ in make_loader(samples, transform, batch, workers=2) if x is not None][:count]
+
+
+def build(model_name: str, recipe, checkpoint: Path | None) -> QVit:
+    model = create_model(model_name, pretrained=False)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, model_name)
+    return QVit(model, recipe).eval()
+
+
+def timed(fn, iters: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iters: int, checkpoint: Path | None) -> list[dict]:
+    rows = []
+    x = xs[0]
+    fused = create_model(model_name, pretrained=False).eval()
+    t_fused = timed(lambda: fused(x), iters)
+    for name in recipes:
+        qvit = build(model_name, load_recipe(name), checkpoint)
+        with qvit.calibrating():
+            for cx in xs[:2]:
+                qvit(cx)
+
+        def fp32() -> None:
+            with qvit.fp32():
+                qvit(x)
+
+        t_fp32 = timed(fp32, iters)
+        t_int8 = timed(lambda: qvit(x), iters)
+        rows.append(dict(model=model_name, recipe=name, fused=len(x) / t_fused, fp32=len(x) / t_fp32, int8=len(x) / t_int8, ratio=t_int8 / t_fp32))
+    return rows
+
+
+@torch.inference_mode()
+def bench_calibration(model_name: str, xs: list[torch.Tensor], checkpoint: Path | None) -> list[dict]:
+    rows = []
+    images = sum(len(x) for x in xs)
+    for observer in OBSERVERS:
+        base = load_recipe("fqvit_w8a8_att8")
+        overrides = {f"{k}.observer": observer for k in ("activation", "layernorm_input", "attention")}
+        qvit = build(model_name, load_recipe("fqvit_w8a8_att8", overrides), checkpoint)
+        del base
+        with qvit.fp32():
+            qvit(xs[0][:2])  # warm-up allocations outside the timed region
+        start = time.perf_counter()
+        with qvit.calibrating():
+            for x in xs:
+                qvit(x)
+        seconds = time.perf_counter() - start
+        rows.append(dict(model=model_name, observer=observer, s_per_img=seconds / images))
+    base = rows[0]["s_per_img"]
+    for row in rows:
+        row["ratio"] = row["s_per_img"] / base
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="deit_tiny_patch16_224,vit_base_patch16_224")
+    p.add_argument("--recipes", default=",".join(available_recipes()))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--iters", type=int, default=3, help="timed batches per measurement (median)")
+    p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--data", type=Path, default=None, help="ImageNet-layout split with real images (e.g. ../shared/data/imagenet-mini/train)")
+    p.add_argument("--skip-calibration", action="store_true")
+    args = p.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    eval_rows, calib_rows = [], []
+    for model_name in args.models.split(","):
+        checkpoint = SHARED_DEIT if model_name == "deit_tiny_patch16_224" and SHARED_DEIT.is_file() else None
+        xs = batches(model_name, args.data, args.batch, max(args.calib_batches, 2))
+        eval_rows += bench_eval(model_name, args.recipes.split(","), xs, args.iters, checkpoint)
+        if not args.skip_calibration:
+            calib_rows += bench_calibration(model_name, xs[: args.calib_batches], checkpoint)
+
+    print("\nEvaluation throughput (images/s; ratio = INT8 time / FP32 time, target <= 1.5)")
+    print(f"| model | recipe | FP32 timm fused | FP32 (QVit) | INT8 fake-quant | ratio |\n|---|---|---:|---:|---:|---:|")
+    for r in eval_rows:
+        print(f"| {r['model']} | {r['recipe']} | {r['fused']:.1f} | {r['fp32']:.1f} | {r['int8']:.1f} | {r['ratio']:.2f}x |")
+    if calib_rows:
+        print("\nCalibration (s per image, fqvit_w8a8_att8 with every activation kind on the observer; ratio to MinMax, target <= 3)")
+        print("| model | observer | s / image | ratio |\n|---|---|---:|---:|")
+        for r in calib_rows:
+            print(f"| {r['model']} | {r['observer']} | {r['s_per_img']:.4f} | {r['ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
