@@ -93,32 +93,32 @@ def test_streaming_histogram_conserves_mass_and_matches_one_shot_histogram():
     assert (cdf_a - cdf_b).abs().max().item() / len(x) < 0.01
 
 
+def reference_window_kl(hist: np.ndarray, start: int, end: int, levels: int) -> float:
+    """KL(P || Q) of one window of a histogram, written as plain loops (the textbook algorithm)."""
+    length = end - start
+    reference = hist[start:end].copy()
+    reference[0] += hist[:start].sum()
+    reference[-1] += hist[end:].sum()
+    window = hist[start:end]
+    quantized = np.zeros(length)
+    groups = [j * levels // length for j in range(length)]
+    for g in range(levels):
+        members = [j for j in range(length) if groups[j] == g]
+        total = sum(window[j] for j in members)
+        nonzero = [j for j in members if reference[j] > 0]
+        for j in nonzero:
+            quantized[j] = total / len(nonzero)
+    p = reference / reference.sum()
+    q = quantized / quantized.sum()
+    return sum(pj * (math.log(pj) - math.log(qj if qj > 0 else 1e-10)) for pj, qj in zip(p, q) if pj > 0)
+
+
 def reference_entropy_threshold(abs_x: np.ndarray, bins: int, levels: int) -> float:
-    """TensorRT-style entropy calibration, written as plain loops (the textbook algorithm)."""
+    """TensorRT-style entropy calibration on |x|: the threshold of the best window [0, i)."""
     hist, edges = np.histogram(abs_x, bins=bins, range=(0.0, float(abs_x.max())))
     hist = hist.astype(np.float64)
-    best_kl, best_i = math.inf, bins
-    for i in range(levels, bins + 1):
-        reference = hist[:i].copy()
-        reference[i - 1] += hist[i:].sum()
-        window = hist[:i]
-        quantized = np.zeros(i)
-        groups = [j * levels // i for j in range(i)]
-        for g in range(levels):
-            members = [j for j in range(i) if groups[j] == g]
-            total = sum(window[j] for j in members)
-            nonzero = [j for j in members if reference[j] > 0]
-            for j in nonzero:
-                quantized[j] = total / len(nonzero)
-        p = reference / reference.sum()
-        q = quantized / quantized.sum()
-        kl = 0.0
-        for pj, qj in zip(p, q):
-            if pj > 0:
-                kl += pj * (math.log(pj) - math.log(qj if qj > 0 else 1e-10))
-        if kl < best_kl - 1e-12:
-            best_kl, best_i = kl, i
-    return best_i * (edges[1] - edges[0])
+    kls = [reference_window_kl(hist, 0, i, levels) for i in range(levels, bins + 1)]
+    return (levels + int(np.argmin(kls))) * (edges[1] - edges[0])
 
 
 def test_kl_matches_reference_entropy_calibration():
@@ -197,13 +197,14 @@ def test_ptf_factors_are_powers_of_two_and_base_covers_widest_channel():
     x = (rng.uniform(-1, 1, size=(20_000, 6)) * widths).astype(np.float32)
     spec = QuantizerSpec(bit_type=UINT8, calibration_mode="channel_wise", power_of_two_factor=True, ptf_levels=4)
     method = UniformQuantizer()
-    base_obs = build_observer("minmax", spec, method, None)
-    ptf = PowerOfTwoFactor(spec, method, channel_axis=-1)
+    channel_obs = build_observer("minmax", spec, method, -1)
+    ptf = PowerOfTwoFactor(spec, method, -1, channel_obs)
     for part in np.array_split(x, 3):
-        base_obs.update(torch.from_numpy(part))
+        channel_obs.update(torch.from_numpy(part))
         ptf.update(torch.from_numpy(part))
-    base, zp = base_obs.compute_qparams()
-    scales = ptf.channel_scales(base, zp)
+    base, zp = ptf.base_qparams()
+    scales, zps = ptf.channel_qparams()
+    assert torch.all(zps == zp)
     ratio = (scales / base).numpy()
     exponents = np.log2(ratio)
     np.testing.assert_array_equal(exponents, np.round(exponents))  # powers of two
@@ -247,3 +248,43 @@ def test_histogram_error_integral_matches_direct_error(bt):
         total += counts[b] * np.mean(((q - zp.item()) * scale.item() - v) ** 2)
     got = histogram_sq_error(hist, method, bt, scale, zp).item()
     assert got == pytest.approx(total, rel=1e-4)
+
+
+def test_ptf_base_keeps_an_outlier_channel_a_tensor_wide_percentile_would_clip():
+    # Channel 0 carries large values on 0.5% of the rows: 0.008% of all values, i.e. beyond the tensor-wide
+    # 99.99th percentile, but well inside channel 0's own. The base grid must still reach them.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((40_000, 64)).astype(np.float32)
+    rows = rng.choice(40_000, 200, replace=False)
+    x[rows, 0] = rng.choice([-40.0, 40.0], 200).astype(np.float32) + rng.standard_normal(200).astype(np.float32)
+    spec = QuantizerSpec(bit_type=UINT8, observer="percentile", calibration_mode="channel_wise", power_of_two_factor=True)
+    method = UniformQuantizer()
+    obs = build_observer("percentile", spec, method, -1)
+    ptf = PowerOfTwoFactor(spec, method, -1, obs)
+    obs.update(torch.from_numpy(x))
+    ptf.update(torch.from_numpy(x))
+    assert np.quantile(np.abs(x), 0.9999) < 10  # what a tensor-wide percentile would keep
+    scales, zps = ptf.channel_qparams()
+    top, bottom = (UINT8.qmax - zps[0]) * scales[0], (UINT8.qmin - zps[0]) * scales[0]
+    assert top.item() >= 39.0 and bottom.item() <= -39.0
+    assert scales[1:].max().item() < scales[0].item()  # ordinary channels get finer steps
+
+
+def test_kl_on_signed_histograms_matches_reference_windows():
+    # Unsigned grids search windows that shrink [min, max] towards 0 on both sides.
+    from models.ptq.observers import _candidate_windows
+
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.standard_t(3, 15_000) * 0.5, rng.exponential(2.0, 5_000)]).astype(np.float32)
+    bins, bt = 256, BitTypeConfig(5, False, "uint5")
+    ob = observer("kl", bt, hist_bins=bins)
+    ob.update(torch.from_numpy(x))
+    lo, hi = ob.compute_range()
+    hist = ob.hist.counts[0].numpy()
+    starts, ends = _candidate_windows(ob.hist, 32, None)
+    kls = [reference_window_kl(hist, int(a), int(b), 32) for a, b in zip(starts[0], ends[0])]
+    best = int(np.argmin(kls))
+    width = ob.hist.width.item()
+    assert lo.item() == pytest.approx(ob.hist.lo.item() + width * int(starts[0, best]), abs=1e-5)
+    assert hi.item() == pytest.approx(ob.hist.lo.item() + width * int(ends[0, best]), abs=1e-5)
+    assert lo.item() > x.min() and hi.item() < x.max()

@@ -93,11 +93,9 @@ class TensorQuantizer(nn.Module):
         self.method = self.observer = self.ptf = None
         if spec is not None:
             self.method = build_quantizer(spec.quantizer)
-            # PTF: the observer sees the whole tensor (the base scale), the PTF helper each channel.
-            observer_axis = channel_axis if per_channel and not spec.power_of_two_factor else None
-            self.observer = build_observer(spec.observer, spec, self.method, observer_axis)
+            self.observer = build_observer(spec.observer, spec, self.method, channel_axis if per_channel else None)
             if spec.power_of_two_factor:
-                self.ptf = PowerOfTwoFactor(spec, self.method, channel_axis)
+                self.ptf = PowerOfTwoFactor(spec, self.method, channel_axis, self.observer)
 
     @property
     def per_channel(self) -> bool:
@@ -151,10 +149,7 @@ class TensorQuantizer(nn.Module):
             if self.spec is not None:
                 log.warning("quantizer %s saw no calibration data; it stays uncalibrated", self.name or "?")
             return False
-        scale, zero_point = self.observer.compute_qparams()
-        if self.ptf is not None:
-            scale = self.ptf.channel_scales(scale, zero_point)
-            zero_point = zero_point.expand_as(scale)
+        scale, zero_point = self.ptf.channel_qparams() if self.ptf is not None else self.observer.compute_qparams()
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
         self.calibrated.fill_(True)

@@ -1,0 +1,52 @@
+"""Real DeiT-tiny on real ImageNet images from ../shared (skipped where that folder is absent)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.data import create_transform, resolve_data_config
+
+from conftest import SHARED_DATA, SHARED_WEIGHTS, requires_shared
+from models.quant_vit import QVit
+from quant_config import load_recipe
+from utils.checkpoint import create_model, load_checkpoint
+from utils.data import calibration_subset, make_loader, scan_split
+from utils.engine import calibrate, evaluate
+
+pytestmark = [requires_shared, pytest.mark.shared, pytest.mark.slow]
+
+DEIT_TINY_SHA256 = "3e30638a53edff44f3b59ca85f06d8b1421e075a333481f745a38eedacaca700"
+
+
+@pytest.fixture(scope="module")
+def deit_tiny():
+    model = create_model("deit_tiny_patch16_224", pretrained=False)
+    sha = load_checkpoint(model, SHARED_WEIGHTS, "deit_tiny_patch16_224")
+    return model, sha
+
+
+def test_checkpoint_is_the_documented_one(deit_tiny):
+    _, sha = deit_tiny
+    assert sha == DEIT_TINY_SHA256
+
+
+def test_val_split_maps_613_classes_to_canonical_indices():
+    samples = scan_split(SHARED_DATA / "val")
+    labels = {label for _, label in samples}
+    assert len(samples) == 1000 and len(labels) == 613
+    assert max(labels) > 900  # indices follow the 1000-class list, not the 613 folders
+
+
+def test_fqvit_recipe_keeps_real_deit_tiny_predictions(deit_tiny):
+    model, _ = deit_tiny
+    transform = create_transform(**resolve_data_config(model=model))
+    qvit = QVit(model, load_recipe("fqvit_w8a8_att8")).eval()
+    device = torch.device("cpu")
+    calib = calibration_subset(scan_split(SHARED_DATA / "train"), 128, seed=0)
+    calibrate(qvit, make_loader(calib, transform, 32, 2), device, progress=False)
+    val = scan_split(SHARED_DATA / "val")[::5]  # 200 images across the classes
+    result = evaluate(qvit, make_loader(val, transform, 32, 2), device, progress=False)
+    assert result.samples == 200
+    assert 70.0 <= result.fp32.top1 <= 92.0  # README of ../shared: about 81% on this val set
+    assert result.agreement_top1 >= 0.93
+    assert result.logit_cosine >= 0.95
+    assert result.int8.top1 >= result.fp32.top1 - 4.0
