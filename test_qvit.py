@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> Path:
     else:
         recipe_path = resolve_recipe_path(args.config or DEFAULT_RECIPE)
         recipe = load_recipe(recipe_path)
-        recipe = load_recipe(recipe_path, recipe_overrides(args, recipe))
+        overrides = recipe_overrides(args, recipe)
+        if overrides:
+            recipe = recipe.with_overrides(overrides, where=f"{recipe_path} + command line")
         model_name = args.model or (DEMO_MODEL if args.demo else DEFAULT_MODEL)
         recipe_source = str(recipe_path)
     check_model_name(model_name)

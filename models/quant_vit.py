@@ -42,7 +42,9 @@ class UnsupportedModelError(ValueError):
     """The timm model has a structure QVit cannot quantize (the message names the module)."""
 
 
-# Modules that may hold parameters of their own without being quantized: embeddings and layer scales.
+# Modules with parameters of their own: converted to a quantized subclass, or kept in float
+# (embeddings and layer scales). Anything else with weights is an architecture QVit does not know.
+_CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, TimmLayerNorm)
 _FLOAT_OK = (VisionTransformer, LayerScale, PatchEmbed)
 
 
@@ -53,6 +55,7 @@ class QVit(nn.Module):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise UnsupportedModelError(f"QVit needs a timm VisionTransformer, got {type(model).__name__}")
+        _check_supported(model)  # before touching the model: a refused model is left as it was
         self.recipe = recipe
         self.state = QuantState(QuantMode.QUANT)
         self.model = model
@@ -64,38 +67,20 @@ class QVit(nn.Module):
     def _convert(self) -> None:
         recipe, state = self.recipe, self.state
         # Collect first: converting while iterating named_modules() would visit the new children.
-        modules = list(self.model.named_modules())
-        for name, module in modules:
-            if type(module) is Block:
+        for _, module in list(self.model.named_modules()):
+            kind = type(module)
+            if kind is Block:
                 QuantBlock.convert(module)
-            elif isinstance(module, Block):
-                raise UnsupportedModelError(f"block {name!r} is a {type(module).__name__}, not a plain timm Block")
-            elif type(module) is Attention:
-                try:
-                    QuantAttention.convert(
-                        module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax
-                    )
-                except NotImplementedError as exc:
-                    raise UnsupportedModelError(f"attention {name!r}: {exc}") from None
-            elif type(module) is nn.Linear:
-                QuantLinear.convert(module, state, activation=recipe.activation, weight=recipe.weight)
-            elif type(module) is nn.Conv2d:
-                QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
-            elif type(module) in (nn.LayerNorm, TimmLayerNorm):
-                QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
-        self._check_converted()
-
-    def _check_converted(self) -> None:
-        quantized = (QuantLinear, QuantConv2d, QuantLayerNorm, QuantAttention, QuantBlock)
-        for name, module in self.model.named_modules():
-            if isinstance(module, (Attention, Block)) and not isinstance(module, quantized):
-                raise UnsupportedModelError(f"{name!r} is a {type(module).__name__}, which QVit cannot quantize")
-            own_params = next(module.parameters(recurse=False), None) is not None
-            if own_params and not isinstance(module, quantized + _FLOAT_OK):
-                raise UnsupportedModelError(
-                    f"module {name!r} ({type(module).__name__}) has weights but no quantized counterpart; "
-                    "QVit supports plain timm ViT/DeiT architectures"
+            elif kind is Attention:
+                QuantAttention.convert(
+                    module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax
                 )
+            elif kind is nn.Linear:
+                QuantLinear.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+            elif kind is nn.Conv2d:
+                QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+            elif kind in (nn.LayerNorm, TimmLayerNorm):
+                QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
 
     # -- modes ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -148,3 +133,18 @@ class QVit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse, naming the module, any structure whose forward QVit would not reproduce."""
+    for name, module in model.named_modules():
+        kind = type(module)
+        if isinstance(module, (Block, Attention)) and kind not in (Block, Attention):
+            raise UnsupportedModelError(f"{name!r} is a {kind.__name__}, not a plain timm Block/Attention, which QVit cannot quantize")
+        if kind is Attention and getattr(module, "gate", None) is not None:
+            raise UnsupportedModelError(f"attention {name!r} is gated, which QVit cannot quantize")
+        has_weights = next(module.parameters(recurse=False), None) is not None
+        if has_weights and kind not in _CONVERTIBLE and not isinstance(module, _FLOAT_OK):
+            raise UnsupportedModelError(
+                f"module {name!r} ({kind.__name__}) has weights but no quantized counterpart; QVit supports plain timm ViT/DeiT architectures"
+            )

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from conftest import make_tiny_vit, tiny_images
 from models.ptq.layers import QuantAttention, QuantBlock, QuantLayerNorm, QuantLinear
@@ -198,3 +198,5 @@ def test_unsupported_architectures_are_named():
     map_pool = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10, global_pool="map")
     with pytest.raises(UnsupportedModelError, match="attn_pool"):
         QVit(map_pool, load_recipe("fqvit_w8a8_att8"))
+    # Refused before conversion: the model is left exactly as it was.
+    assert type(map_pool.blocks[0]) is Block and type(map_pool.head) is torch.nn.Linear

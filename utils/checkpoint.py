@@ -97,16 +97,20 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` of tensors only, with a one-line error naming ``what`` the file should be."""
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{what} {path}: cannot read it as a PyTorch file ({str(exc).splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> str:
     """Load a local state dict into ``model``, naming any key or shape mismatch; returns the file's sha256."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path}: cannot read it as a PyTorch file ({str(exc).splitlines()[0][:200]})") from None
-    state = _unwrap_state_dict(obj, path)
+    state = _unwrap_state_dict(_torch_load(path, "checkpoint"), path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -142,7 +146,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_fingerprint: str, checkpoint_sha256: str | None) -> None:
     """Write the calibrated quantizer state (scales, zero points) with what it was calibrated for."""
-    quantizer_state = {k: v.detach().cpu() for k, v in qvit.state_dict().items() if _is_quantizer_key(qvit, k)}
+    keys = _quantizer_keys(qvit)
+    quantizer_state = {k: v.detach().cpu() for k, v in qvit.state_dict().items() if k in keys}
     record = {
         "format": CALIBRATED_FORMAT,
         "model": model_name,
@@ -154,20 +159,15 @@ def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_finge
     _atomic_torch_save(record, Path(path))
 
 
-def _is_quantizer_key(qvit: QVit, key: str) -> bool:
-    module_path, _, _ = key.rpartition(".")
-    return module_path.startswith("model.") and module_path[len("model.") :] in qvit.quantizers()
+def _quantizer_keys(qvit: QVit) -> set[str]:
+    """The ``state_dict`` keys of the quantizer buffers (scale, zero point, calibrated flag)."""
+    return {f"model.{name}.{buffer}" for name, q in qvit.quantizers().items() for buffer, _ in q.named_buffers()}
 
 
 def read_calibrated(path: str | Path) -> tuple[dict[str, Any], QuantRecipe]:
     """Read a calibrated file and its recipe, checking its format."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"calibrated file {path}: no such file")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"calibrated file {path}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
+    record = _torch_load(path, "calibrated file")
     if not isinstance(record, Mapping) or record.get("format") != CALIBRATED_FORMAT:
         raise UserError(f"calibrated file {path}: not written by test_qvit.py --save-calibrated (format {CALIBRATED_FORMAT})")
     try:
@@ -185,8 +185,7 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
             "pass the same --checkpoint (or pretrained weights) it was made with"
         )
     state = record["quantizers"]
-    expected = {k for k in qvit.state_dict() if _is_quantizer_key(qvit, k)}
-    if set(state) != expected:
+    if set(state) != _quantizer_keys(qvit):
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
     qvit.load_state_dict(state, strict=False)
     if not qvit.is_calibrated:

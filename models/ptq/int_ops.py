@@ -64,12 +64,16 @@ def int_exp(x_int: Tensor, constants: IExpConstants, max_halvings: int = 30) -> 
     return poly.mul_(z.neg_().exp2_()).floor_()  # shift right by z
 
 
-def int_softmax(x: Tensor, scale: float, constants: IExpConstants | None = None, dim: int = -1) -> Tensor:
+def int_softmax(
+    x: Tensor, scale: float, constants: IExpConstants | None = None, dim: int = -1, inplace: bool = False
+) -> Tensor:
     """Softmax of the quantized scores ``x`` (multiples of ``scale``) through :func:`int_exp`.
 
     Returns the probabilities ``exp_int / sum(exp_int)``; the caller quantizes them (log2 or uniform),
-    which in integer hardware is a division of two integers followed by a rounding.
+    which in integer hardware is a division of two integers followed by a rounding. ``inplace`` reuses
+    ``x`` (a temporary the caller owns) instead of allocating.
     """
-    x_int = (x - x.amax(dim=dim, keepdim=True)).div_(scale).round_()
+    row_max = x.amax(dim=dim, keepdim=True)
+    x_int = (x.sub_(row_max) if inplace else x - row_max).div_(scale).round_()
     exp_int = int_exp(x_int, constants or IExpConstants.from_scale(scale))
     return exp_int.div_(exp_int.sum(dim=dim, keepdim=True))

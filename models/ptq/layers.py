@@ -30,6 +30,16 @@ def _device(module: nn.Module) -> torch.device | None:
     return param.device if param is not None else None
 
 
+def _add_input_and_weight_quant(
+    module: nn.Module, state: QuantState, activation: QuantizerSpec | None, weight: QuantizerSpec | None,
+    in_channels: int, in_axis: int, out_channels: int,
+) -> None:
+    """The two quantizers of a Conv/Linear: its input, and its weight per output channel (axis 0)."""
+    dev = _device(module)
+    module.input_quant = TensorQuantizer(activation, state, num_channels=in_channels, channel_axis=in_axis, kind="activation", device=dev)
+    module.weight_quant = TensorQuantizer(weight, state, num_channels=out_channels, channel_axis=0, static=True, kind="weight", device=dev)
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with a quantized input (per tensor or per input feature) and weight (per output row)."""
 
@@ -39,11 +49,7 @@ class QuantLinear(nn.Linear):
     @classmethod
     def convert(cls, module: nn.Linear, state: QuantState, *, activation: QuantizerSpec | None, weight: QuantizerSpec | None) -> "QuantLinear":
         module.__class__ = cls
-        dev = _device(module)
-        module.input_quant = TensorQuantizer(activation, state, num_channels=module.in_features, kind="activation", device=dev)
-        module.weight_quant = TensorQuantizer(
-            weight, state, num_channels=module.out_features, channel_axis=0, static=True, kind="weight", device=dev
-        )
+        _add_input_and_weight_quant(module, state, activation, weight, module.in_features, -1, module.out_features)
         return module
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,14 +65,8 @@ class QuantConv2d(nn.Conv2d):
     @classmethod
     def convert(cls, module: nn.Conv2d, state: QuantState, *, activation: QuantizerSpec | None, weight: QuantizerSpec | None) -> "QuantConv2d":
         module.__class__ = cls
-        dev = _device(module)
         # Input channels sit on axis 1 of an image batch.
-        module.input_quant = TensorQuantizer(
-            activation, state, num_channels=module.in_channels, channel_axis=1, kind="activation", device=dev
-        )
-        module.weight_quant = TensorQuantizer(
-            weight, state, num_channels=module.out_channels, channel_axis=0, static=True, kind="weight", device=dev
-        )
+        _add_input_and_weight_quant(module, state, activation, weight, module.in_channels, 1, module.out_channels)
         return module
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,7 +142,8 @@ class QuantIntSoftmax(nn.Softmax):
             scale = self.input_quant.scale_value
             if self._iexp is None or self._iexp_scale != scale:
                 self._iexp, self._iexp_scale = IExpConstants.from_scale(scale), scale
-            probs = int_softmax(x, scale, self._iexp, dim=-1)
+            # The fake-quantized scores are a fresh tensor: the integer softmax may overwrite them.
+            probs = int_softmax(x, scale, self._iexp, dim=-1, inplace=True)
         else:
             probs = x.softmax(dim=-1)
         return self.output_quant(probs)
@@ -170,8 +171,6 @@ class QuantAttention(Attention):
         attention: QuantizerSpec | None,
         integer_softmax: bool,
     ) -> "QuantAttention":
-        if getattr(module, "gate", None) is not None:
-            raise NotImplementedError("gated attention is not supported")
         module.__class__ = cls
         module.fused_attn = False
         dev = _device(module.qkv)

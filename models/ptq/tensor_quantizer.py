@@ -154,14 +154,14 @@ class TensorQuantizer(nn.Module):
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
         self.calibrated.fill_(True)
         self._ready = True
-        self._cache = None
+        self._cache = self._args_key = None
         self.reset_observer()  # the statistics are no longer needed; free them
         return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.calibrated)
-        self._cache = None
+        self._cache = self._args_key = None
 
     # -- quantization ------------------------------------------------------------------------------
     def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
@@ -173,8 +173,9 @@ class TensorQuantizer(nn.Module):
         return t.view(shape)
 
     def _refresh_args(self) -> None:
+        # Read back after calibration or loading (both reset the key) or an in-place edit of the buffers.
         key = (_version(self.scale), _version(self.zero_point))
-        if key == self._args_key and key != (-1, -1):
+        if key == self._args_key:
             return
         self._scale_float = float(self.scale) if self.scale.dim() == 0 else None
         zp = self.zero_point.reshape(-1)
