@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> Path:
     check_arguments(args)
     device = resolve_device(args.device)
     # Heavy imports only once the cheap checks passed.
-    import torch
     from timm.data import create_transform, resolve_data_config
 
     from models.quant_vit import QVit, UnsupportedModelError

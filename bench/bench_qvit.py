@@ -96,11 +96,11 @@ def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iter
             for cx in xs[:2]:
                 qvit(cx)
 
-        def fp32() -> None:
+        def fp32(qvit: QVit = qvit) -> None:
             with qvit.fp32():
                 qvit(x)
 
-        t_fp32, t_int8, ratio = timed_pairs(fp32, lambda: qvit(x), iters)
+        t_fp32, t_int8, ratio = timed_pairs(fp32, lambda qvit=qvit: qvit(x), iters)
         rows.append(dict(model=model_name, recipe=name, fused=len(x) / t_fused, fp32=len(x) / t_fp32, int8=len(x) / t_int8, ratio=ratio))
     return rows
 
@@ -148,7 +148,7 @@ def main() -> None:
             calib_rows += bench_calibration(model_name, xs[: args.calib_batches], checkpoint)
 
     print("\nEvaluation throughput (images/s; ratio = median of paired INT8 time / FP32 time, target <= 1.5)")
-    print(f"| model | recipe | FP32 timm fused | FP32 (QVit) | INT8 fake-quant | ratio |\n|---|---|---:|---:|---:|---:|")
+    print("| model | recipe | FP32 timm fused | FP32 (QVit) | INT8 fake-quant | ratio |\n|---|---|---:|---:|---:|---:|")
     for r in eval_rows:
         print(f"| {r['model']} | {r['recipe']} | {r['fused']:.1f} | {r['fp32']:.1f} | {r['int8']:.1f} | {r['ratio']:.2f}x |")
     if calib_rows:
