@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from quant_config import DEFAULT_RECIPE, ConfigError, QuantRecipe, available_recipes, load_recipe, resolve_recipe_path
-from utils.errors import UserError
+from utils.errors import ArgumentParser, UserError
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -33,7 +34,7 @@ DEMO_CLASSES, DEMO_CALIB_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 10, 20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="FQ-ViT post-training quantization of a timm ViT/DeiT: calibrate, then evaluate FP32 vs INT8.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe value, e.g. --set attention.bit_type.bits=4 (repeatable)")
     g.add_argument("--save-calibrated", nargs="?", const="", default=None, metavar="PATH", help="save the calibrated quantizer state (default RUN/calibrated.pt)")
     g.add_argument("--load-calibrated", default=None, metavar="PATH", help="skip calibration: load a file written by --save-calibrated (uses its recipe)")
+    g = p.add_argument_group("profiling (per-point statistics, written with every run)")
+    g.add_argument("--profile-samples", type=int, default=64, help="evaluation images (a fixed, evenly spread subset) the profiler runs on")
+    g.add_argument("--no-profile", action="store_true", help="skip the profiler")
+    g.add_argument("--profile", choices=("accumulated", "isolated"), default="accumulated",
+                   help="accumulated: quantized model vs FP32 model; isolated: also each point alone (one extra run per point)")
+    g.add_argument("--hist", default="all", metavar="all|none|worst:K", help="which points get a <name>_hist.png")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--log-dir", default="log/qvit", help="run folders are created under this directory")
@@ -109,7 +116,14 @@ def resolve_device(name: str):
 def check_arguments(args: argparse.Namespace) -> None:
     if args.calib_size is None:
         args.calib_size = DEMO_CLASSES * DEMO_CALIB_PER_CLASS if args.demo else 1000
-    for flag, value, low in (("--calib-size", args.calib_size, 1), ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+    if not re.fullmatch(r"all|none|worst:[1-9]\d*", args.hist):
+        raise UserError(f"--hist {args.hist!r}: expected all, none or worst:K (K >= 1)")
+    for flag, value, low in (
+        ("--calib-size", args.calib_size, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--workers", args.workers, 0),
+        ("--profile-samples", args.profile_samples, 1),
+    ):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.demo and any(v is not None for v in (args.data, args.calib_dir, args.val_dir, args.checkpoint, args.load_calibrated)):
@@ -150,10 +164,12 @@ def run(args: argparse.Namespace) -> Path:
         save_calibrated,
         weights_sha256,
     )
-    from utils.data import calibration_subset, make_loader, scan_split
+    from utils.data import calibration_subset, evenly_spaced, make_loader, scan_split
     from utils.demo import make_imagenet_folder
     from utils.engine import calibrate, evaluate
-    from utils.report import results_table, versions
+    from utils.plots import select_histogram_points, write_point_histograms
+    from utils.profiler import NoImagesError, run_profile
+    from utils.report import profile_summary, results_table, versions
     from utils.run_dir import RunDir, write_json_atomic, write_text_atomic
 
     record = None
@@ -257,6 +273,20 @@ def run(args: argparse.Namespace) -> Path:
                 "command": [Path(sys.argv[0]).name] + sys.argv[1:],
                 "versions": versions(),
             }
+            if not args.no_profile:
+                subset = evenly_spaced(val_samples, args.profile_samples)
+                views = "accumulated and isolated views" if args.profile == "isolated" else "accumulated view"
+                print(f"Profiling {len(subset)} evaluation images ({views})")
+                loader = make_loader(subset, **loader_args)
+                try:
+                    result = run_profile(qvit, loader, device, isolated=args.profile == "isolated", progress=progress)
+                except NoImagesError as exc:  # the evaluation's numbers still stand
+                    print(f"warning: profile skipped: {exc}", file=sys.stderr)
+                else:
+                    result.table.to_csv(run_dir.path / "qvit_statistics.csv", index=False)
+                    write_point_histograms(result, run_dir.path, select_histogram_points(result, args.hist))
+                    summary["profile"] = result.totals
+                    print(profile_summary(result.totals))
             write_json_atomic(run_dir.path / "qvit_summary.json", summary)
 
     if args.save_calibrated:  # an explicit path gets a copy once the run folder is complete

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from conftest import ROOT
 from quant_config import load_recipe
 from utils.demo import make_imagenet_folder
+from utils.profiler import COLUMNS
 
 MODEL = "deit_tiny_patch16_224"
 
@@ -42,7 +44,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def fast(data: Path, log: Path, *extra: object) -> list[object]:
-    return ["--data", data, "--log-dir", log, "--batch-size", 4, "--workers", 0, "--no-progress", *extra]
+    # No histogram PNGs unless a test asks (a later --hist wins): ~200 of them take a while.
+    return ["--data", data, "--log-dir", log, "--batch-size", 4, "--workers", 0, "--no-progress", "--hist", "none", *extra]
 
 
 def assert_user_error(result: subprocess.CompletedProcess, log: Path, pattern: str) -> None:
@@ -60,13 +63,13 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--model", "--checkpoint", "--data", "--calib-dir", "--val-dir", "--config", "--observer", "--calibration-mode",
                  "--calib-size", "--batch-size", "--device", "--workers", "--seed", "--log-dir", "--save-calibrated",
-                 "--load-calibrated", "--demo", "--set"):
+                 "--load-calibrated", "--demo", "--set", "--profile-samples", "--no-profile", "--profile", "--hist"):
         assert flag in result.stdout
 
 
 def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
     log = tmp_path / "log"
-    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--calib-size", 50, "--save-calibrated"))
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--calib-size", 50, "--save-calibrated", "--hist", "all"))
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.parent == log and run_dir.is_dir()
@@ -90,14 +93,37 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
     assert summary["versions"]["torch"] == torch.__version__
     assert "Top-1 (%)" in (run_dir / "qvit_results.txt").read_text()
     assert (run_dir / "calibrated.pt").is_file()
+    # The profiler, by default: statistics of every point, a histogram each, totals in the summary.
+    stats = pd.read_csv(run_dir / "qvit_statistics.csv")
+    assert list(stats.columns) == [c for c in COLUMNS if not c.startswith("iso_")]
+    profile = summary["profile"]
+    assert profile["samples"] == 12 and profile["points"] == len(stats) > 100  # DeiT-tiny: 12 blocks
+    assert profile["views"] == ["accumulated"] and len(profile["worst"]) == 10
+    assert 0 < profile["logit_cosine"] <= 1 and profile["qsnr_db_mean"] > 0
+    assert sorted(p.name for p in run_dir.glob("*_hist.png")) == sorted(f"{n}_hist.png" for n in stats["name"])
+    assert "Profile (12 images" in result.stdout and "Worst points" in result.stdout
 
-    again = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt"))
+    again = run_cli(
+        "--model", MODEL, "--checkpoint", checkpoint,
+        *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt", "--profile", "isolated", "--hist", "worst:3", "--profile-samples", 5),
+    )  # fmt: skip
     assert again.returncode == 0, again.stderr
     second = Path(again.stdout.strip().splitlines()[-1])
     assert second != run_dir and run_dir.is_dir()
     reloaded = json.loads((second / "qvit_summary.json").read_text())
     assert reloaded["int8"] == summary["int8"] and reloaded["agreement_top1"] == summary["agreement_top1"]
     assert reloaded["calib_samples"] == 0 and reloaded["calibration"]["loaded_from"].endswith("calibrated.pt")
+    iso = pd.read_csv(second / "qvit_statistics.csv")
+    assert list(iso.columns) == list(COLUMNS) and iso["iso_logit_cosine"].between(0, 1 + 1e-6).all()
+    assert reloaded["profile"]["samples"] == 5 and len(reloaded["profile"]["isolated_worst"]) == 10
+    worst3 = iso.nsmallest(3, "qsnr_db")["name"]
+    assert sorted(p.name for p in second.glob("*_hist.png")) == sorted(f"{n}_hist.png" for n in worst3)
+
+    third = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt", "--no-profile"))
+    assert third.returncode == 0, third.stderr
+    plain = Path(third.stdout.strip().splitlines()[-1])
+    assert "profile" not in json.loads((plain / "qvit_summary.json").read_text())
+    assert not (plain / "qvit_statistics.csv").exists() and not list(plain.glob("*.png"))
 
     other_weights = tmp_path / "other.pth"
     import timm
@@ -133,6 +159,10 @@ def test_demo_runs_offline(tmp_path):
         (lambda d, t: ["--data", d, "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
         (lambda d, t: ["--demo", "--data", d], "--demo makes its own model"),
         (lambda d, t: ["--data", d, "--load-calibrated", t / "x.pt", "--observer", "kl"], "uses the recipe stored in the file"),
+        (lambda d, t: ["--data", d, "--hist", "worst:0"], "--hist 'worst:0': expected all, none or worst:K"),
+        (lambda d, t: ["--data", d, "--hist", "some"], "--hist 'some': expected all, none or worst:K"),
+        (lambda d, t: ["--data", d, "--profile-samples", 0], "--profile-samples must be at least 1"),
+        (lambda d, t: ["--data", d, "--profile", "both"], "invalid choice: 'both'"),
     ],
 )
 def test_bad_arguments(data, tmp_path, make_args, pattern):
@@ -199,6 +229,7 @@ def test_unreadable_images_are_skipped_and_reported(checkpoint, data, tmp_path):
     assert "skipped 1 unreadable evaluation image" in result.stdout
     summary = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "qvit_summary.json").read_text())
     assert summary["evaluation"]["unreadable"] == 1 and summary["int8"]["samples"] == 3
+    assert summary["profile"]["samples"] == 3  # the profiler skips it too
 
 
 def test_bad_calibrated_files(data, checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from utils.data import calibration_subset, imagenet_wnids, make_loader, scan_split
+from utils.data import calibration_subset, evenly_spaced, imagenet_wnids, make_loader, scan_split
 from utils.demo import make_image, make_imagenet_folder
 from utils.errors import UserError
 
@@ -87,6 +87,14 @@ def test_calibration_subset_is_reproducible():
     assert a != calibration_subset(samples, 20, seed=1)
     assert len(set(a)) == 20
     assert calibration_subset(samples, 500, seed=0) == samples
+
+
+def test_evenly_spaced_subset_covers_the_classes():
+    samples = [(f"{i}.JPEG", i // 10) for i in range(100)]  # class-sorted, 10 per class
+    subset = evenly_spaced(samples, 10)
+    assert subset == evenly_spaced(samples, 10) and len(set(subset)) == 10
+    assert sorted(label for _, label in subset) == list(range(10))
+    assert evenly_spaced(samples, 1000) == samples
 
 
 def test_demo_folder_layout(tmp_path):

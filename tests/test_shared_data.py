@@ -11,6 +11,7 @@ from quant_config import load_recipe
 from utils.checkpoint import create_model, load_checkpoint
 from utils.data import calibration_subset, make_loader, scan_split
 from utils.engine import calibrate, evaluate
+from utils.profiler import run_profile
 
 pytestmark = [requires_shared, pytest.mark.shared, pytest.mark.slow]
 
@@ -50,3 +51,10 @@ def test_fqvit_recipe_keeps_real_deit_tiny_predictions(deit_tiny):
     assert result.agreement_top1 >= 0.93
     assert result.logit_cosine >= 0.95
     assert result.int8.top1 >= result.fp32.top1 - 4.0
+
+    # The profiler on the same model: FQ-ViT's hard points are among the ten worst accumulated QSNRs.
+    profile = run_profile(qvit, make_loader(val[::6], transform, 32, 2), device)
+    worst = [w["name"] for w in profile.totals["worst"]]
+    assert any(name.endswith("attn.softmax.output") for name in worst), worst
+    assert any(name.endswith("norm2.input") or name == "norm.input" for name in worst), worst
+    assert profile.totals["logit_cosine"] == pytest.approx(result.logit_cosine, abs=0.02)

@@ -27,6 +27,7 @@ __all__ = [
     "imagenet_wnids",
     "scan_split",
     "calibration_subset",
+    "evenly_spaced",
     "make_loader",
 ]
 
@@ -76,6 +77,13 @@ def calibration_subset(samples: Sequence[Sample], size: int, seed: int) -> list[
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(samples), generator=generator)[:size]
     return [samples[i] for i in order.tolist()]
+
+
+def evenly_spaced(samples: Sequence[Sample], size: int) -> list[Sample]:
+    """``size`` samples spread evenly over the (class-sorted) list: a fixed subset covering many classes."""
+    if size >= len(samples):
+        return list(samples)
+    return [samples[(i * len(samples)) // size] for i in range(size)]
 
 
 class ImageFolderDataset(Dataset):

@@ -9,7 +9,7 @@ import torch
 
 from utils.metrics import ClassificationMetrics
 
-__all__ = ["results_table", "versions"]
+__all__ = ["profile_summary", "results_table", "versions"]
 
 _ROWS = (
     ("Top-1 (%)", "top1", "{:.2f}"),
@@ -33,6 +33,26 @@ def results_table(fp32: ClassificationMetrics, int8: ClassificationMetrics, agre
     lines.append("-" * 45)
     lines.append(f"Top-1 agreement FP32 vs INT8: {agreement:.4f}")
     lines.append(f"Mean logit cosine FP32 vs INT8: {cosine:.4f}")
+    return "\n".join(lines)
+
+
+def profile_summary(totals: dict) -> str:
+    """A few lines about the profiler's totals: QSNR, end-to-end fidelity and the worst points."""
+
+    def db(v: float | None) -> str:
+        return "inf" if v is None else f"{v:.1f}"
+
+    lines = [
+        f"Profile ({totals['samples']} images, {totals['points']} points): QSNR mean {db(totals['qsnr_db_mean'])} dB, "
+        f"median {db(totals['qsnr_db_median'])} dB; logit cosine {totals['logit_cosine']:.4f}, "
+        f"top-1 agreement {totals['agreement_top1']:.3f}",
+        "Worst points (accumulated QSNR): " + ", ".join(f"{w['name']} {db(w['qsnr_db'])} dB" for w in totals["worst"][:5]),
+    ]
+    if "isolated_worst" in totals:
+        lines.append(
+            "Worst points alone (logit cosine): "
+            + ", ".join(f"{w['name']} {w['iso_logit_cosine']:.5f}" for w in totals["isolated_worst"][:5])
+        )
     return "\n".join(lines)
 
 
