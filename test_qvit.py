@@ -13,20 +13,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from quant_config import DEFAULT_RECIPE, ConfigError, QuantRecipe, available_recipes, load_recipe, resolve_recipe_path
-from utils.errors import ArgumentParser, UserError
+from utils.errors import ArgumentParser, UserError, run_script
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -301,18 +299,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    try:
-        final = run(args)
-    except (UserError, ConfigError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(final)
-    return 0
+    return run_script(lambda: run(args), (UserError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
+from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["UserError", "ArgumentParser"]
+__all__ = ["ArgumentParser", "UserError", "run_script"]
 
 
 class UserError(Exception):
@@ -18,3 +21,19 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def run_script(action: Callable[[], object], user_errors: tuple[type[Exception], ...] = (UserError,)) -> int:
+    """A script's body: ``action``'s result printed as the last line (exit 0); bad input one line (exit 2)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    try:
+        result = action()
+    except user_errors as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(result)
+    return 0

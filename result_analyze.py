@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Turn a test_qvit.py run folder into plots, a self-contained report, and a Fisher sensitivity analysis.
+
+    python result_analyze.py                                   # the newest run under log/qvit
+    python result_analyze.py log/qvit/20261126-231441 --sensitivity --keep-fp 0,1,2,4
+
+Writes ``RUN/plots/*.png`` and ``RUN/report.html`` (an earlier analysis is kept: a second one goes to
+``plots-<time>/`` and ``report-<time>.html``). ``--sensitivity`` computes each quantization point's
+Fisher score on calibration images (see utils/sensitivity.py for the estimator), writes
+``log/hessian/sensitivity_<time>.csv`` and ``sensitivity_plot_<time>.png``; ``--keep-fp`` then
+evaluates the run's validation images with the K most sensitive points kept in floating point.
+Bad input ends with one ``error: ...`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from utils.errors import ArgumentParser, UserError, run_script
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", default=None, help="run folder written by test_qvit.py (default: the newest under --log-dir)")
+    p.add_argument("--log-dir", default="log/qvit", help="where to look for the newest run (default log/qvit)")
+    g = p.add_argument_group("sensitivity (Fisher information; needs the model, its weights and the run's calibrated.pt)")
+    g.add_argument("--sensitivity", action="store_true", help="compute per-point and per-block Fisher sensitivity")
+    g.add_argument("--sensitivity-samples", type=int, default=64, help="calibration images for the Fisher estimate (default 64)")
+    g.add_argument("--keep-fp", default=None, metavar="K[,K...]", help="with --sensitivity: evaluate with the K most sensitive points in float, e.g. 0,1,2,4")
+    g.add_argument("--calibrated", default=None, metavar="PATH", help="calibrated quantizer state (default RUN/calibrated.pt)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="model weights (default: the run's --checkpoint, else timm pretrained)")
+    g.add_argument("--calib-dir", default=None, help="calibration images (default: the run's calibration split)")
+    g.add_argument("--val-dir", default=None, help="evaluation images for --keep-fp (default: the run's evaluation split)")
+    g.add_argument("--hessian-dir", default="log/hessian", help="where the sensitivity CSV and plot go (default log/hessian)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def newest_run(log_dir: Path) -> Path:
+    runs = sorted(p for p in log_dir.glob("[0-9]*-[0-9]*") if p.is_dir()) if log_dir.is_dir() else []
+    if not runs:
+        raise UserError(f"no run folder under {log_dir}: run test_qvit.py first, or name a run folder")
+    return runs[-1]
+
+
+def parse_keeps(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    if not re.fullmatch(r"\d+(,\d+)*", text):
+        raise UserError(f"--keep-fp {text!r}: expected non-negative integers separated by commas, e.g. 0,1,2,4")
+    return sorted({int(k) for k in text.split(",")})
+
+
+def free_name(folder: Path, stem: str, suffix: str, stamp: str) -> Path:
+    """``folder/stem+suffix``, or with ``-<stamp>`` (and a counter) when that exists: nothing is overwritten."""
+    candidate = folder / f"{stem}{suffix}"
+    n = 1
+    while candidate.exists():
+        candidate = folder / (f"{stem}-{stamp}{suffix}" if n == 1 else f"{stem}-{stamp}-{n}{suffix}")
+        n += 1
+    return candidate
+
+
+def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> tuple[list[tuple[str, str]], list[Path]]:
+    """Fisher scores into the run data, the sensitivity CSV/plot under --hessian-dir, and the keep-fp table."""
+    import pandas as pd
+    from timm.data import create_transform, resolve_data_config
+
+    from models.quant_vit import QVit
+    from test_qvit import resolve_device
+    from utils.analysis import table_html, plot_sensitivity
+    from utils.checkpoint import check_model_name, create_model, load_calibrated, load_checkpoint, read_calibrated, weights_sha256
+    from utils.data import calibration_subset, make_loader, scan_split
+    from utils.run_dir import write_text_atomic
+    from utils.sensitivity import block_sensitivity, evaluate_keep_fp, fisher_sensitivity
+
+    summary = run.summary
+    if summary.get("demo"):
+        raise UserError(f"{run.path} is a --demo run: its generated images are gone; analyse a run on real data")
+    device = resolve_device(args.device)
+    calibrated = Path(args.calibrated) if args.calibrated else run.path / "calibrated.pt"
+    if not calibrated.is_file():
+        raise UserError(f"{calibrated}: no calibrated quantizer state; rerun test_qvit.py with --save-calibrated, or pass --calibrated PATH")
+    record, recipe = read_calibrated(calibrated)
+    model_name = record["model"]
+    check_model_name(model_name)
+    checkpoint = args.checkpoint or summary.get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: no such checkpoint file (pass --checkpoint PATH)")
+    calib_dir = Path(args.calib_dir or (summary.get("calibration") or {}).get("split") or "")
+    val_dir = Path(args.val_dir or (summary.get("evaluation") or {}).get("split") or "")
+    for flag, folder, needed in (("--calib-dir", calib_dir, True), ("--val-dir", val_dir, bool(keeps))):
+        if needed and not folder.is_dir():
+            raise UserError(f"{flag} {folder}: no such directory (the run's split moved? pass {flag})")
+
+    model = create_model(model_name, pretrained=not checkpoint)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, model_name)
+    qvit = QVit(model, recipe).to(device).eval()
+    load_calibrated(qvit, record, calibrated, weights_sha256(model))
+    transform = create_transform(**resolve_data_config(model=model))
+    loader_args = dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+    progress = not args.no_progress
+
+    samples = calibration_subset(scan_split(calib_dir), args.sensitivity_samples, seed=1)
+    print(f"Fisher sensitivity of {model_name} on {len(samples)} calibration images from {calib_dir}")
+    start = time.perf_counter()
+    try:
+        table = fisher_sensitivity(qvit, make_loader(samples, **loader_args), device, progress)
+    except ValueError as exc:
+        raise UserError(f"{calib_dir}: {exc}") from None
+    seconds = time.perf_counter() - start
+    images = table.attrs["images"]
+    table = table.merge(run.stats[["name", "qsnr_db"]], on="name", how="left")
+    run.sensitivity = table
+    blocks = block_sensitivity(table)
+
+    hessian = Path(args.hessian_dir)
+    hessian.mkdir(parents=True, exist_ok=True)
+    csv_path = free_name(hessian, f"sensitivity_{stamp}", ".csv", stamp)
+    plot_path = free_name(hessian, f"sensitivity_plot_{stamp}", ".png", stamp)
+    write_text_atomic(csv_path, table.sort_values("rank").to_csv(index=False))
+    tmp_png = plot_path.with_name(f".{plot_path.name}.partial.png")
+    try:
+        plot_sensitivity(run, tmp_png)
+        os.replace(tmp_png, plot_path)
+    finally:
+        tmp_png.unlink(missing_ok=True)
+    print(f"  {seconds:.1f} s; wrote {csv_path} and {plot_path}")
+    top = table.sort_values("rank").head(10)
+    print("  most sensitive: " + ", ".join(f"{r.name} {r.fisher:.3g}" for r in top.head(5).itertuples()))
+
+    sections = [
+        (
+            f"Fisher sensitivity ({images} calibration images, estimated loss increase in nats)",
+            table_html(top[["rank", "name", "kind", "fisher", "noise_energy", "grad_energy", "qsnr_db"]])
+            + "<h3>Per block</h3>"
+            + table_html(blocks),
+        )
+    ]
+    if keeps:
+        val = scan_split(val_dir)
+        ranking = list(table.sort_values("rank")["name"])
+        print(f"Evaluating {len(val)} images from {val_dir} with the K most sensitive points in float, K = {', '.join(map(str, keeps))}")
+        try:
+            fp32, results = evaluate_keep_fp(qvit, make_loader(val, **loader_args), ranking, keeps, device, progress)
+        except ValueError as exc:
+            raise UserError(f"{val_dir}: {exc}") from None
+        rows = pd.DataFrame(
+            [
+                {"K": r.keep, "top-1 (%)": r.top1, "drop": fp32["top1"] - r.top1, "agreement": r.agreement_top1,
+                 "logit cosine": r.logit_cosine, "kept in float": ", ".join(r.kept) or "-"}
+                for r in results
+            ]
+        )  # fmt: skip
+        keep_path = free_name(hessian, f"keep_fp_{stamp}", ".csv", stamp)
+        write_text_atomic(keep_path, rows.to_csv(index=False))
+        print(f"  FP32 top-1 {fp32['top1']:.2f} on {fp32['samples']} images; wrote {keep_path}")
+        for r in results:
+            print(f"  K={r.keep}: top-1 {r.top1:.2f}, agreement {r.agreement_top1:.3f}, logit cosine {r.logit_cosine:.4f}")
+        sections.append((f"Keeping the most sensitive points in float (FP32 top-1 {fp32['top1']:.2f}, {fp32['samples']} images)", table_html(rows)))
+        written = [csv_path, plot_path, keep_path]
+    else:
+        written = [csv_path, plot_path]
+    return sections, written
+
+
+def analyse(args: argparse.Namespace) -> Path:
+    for flag, value in (("--sensitivity-samples", args.sensitivity_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    keeps = parse_keeps(args.keep_fp)
+    if keeps and not args.sensitivity:
+        raise UserError("--keep-fp ranks points by their Fisher sensitivity: add --sensitivity")
+    run_path = Path(args.run) if args.run else newest_run(Path(args.log_dir))
+
+    from utils.analysis import load_run, write_plots, write_report
+
+    run = load_run(run_path)
+    print(f"Analysing {run_path} ({len(run.stats)} quantization points)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sections: list[tuple[str, str]] = []
+    if args.sensitivity:
+        sections, _ = sensitivity(args, run, stamp, keeps)
+
+    # Plots go to a hidden folder renamed into place: no half-written plots/ folder, ever.
+    tmp = Path(tempfile.mkdtemp(dir=run_path, prefix=".plots-partial-"))
+    try:
+        plots, fit = write_plots(run, tmp)
+        target = free_name(run_path, "plots", "", stamp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    plots = [target / p.name for p in plots]
+    print(f"Outlier ratio INT8 vs FP32: slope {fit['slope']:.4f}, intercept {fit['intercept']:.3g}, R² {fit['r2']:.4f} ({fit['points']} points)")
+    report = free_name(run_path, "report", ".html", stamp)
+    write_report(run, plots, fit, report, sections)
+    print(f"Wrote {len(plots)} plots to {target}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_script(lambda: analyse(args), (UserError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
