@@ -321,7 +321,10 @@ def plot_accumulated_vs_isolated(run: RunData, folder: Path) -> Path:
     cos_ax.bar(stats.index, 1 - stats["iso_logit_cosine"], color=[KIND_COLOURS.get(k, "0.5") for k in stats["kind"]])
     cos_ax.set_yscale("log")
     cos_ax.set_ylabel("1 − logit cosine (log)")
-    cos_ax.set_title("Each point alone: end-to-end logit error with only that point quantized (colour: kind)")
+    cos_ax.set_title("Each point alone: end-to-end logit error with only that point quantized")
+    from matplotlib.patches import Patch
+
+    cos_ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLOURS.items()], fontsize=8, loc="upper right", ncols=4)
     _point_axis(cos_ax, stats)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.95, hspace=0.35)
     return _save(fig, folder / "accumulated_vs_isolated.png")
