@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, tiny_images
-from test_cli import MODEL, assert_user_error, run_cli
+from test_cli import assert_user_error, deit_tiny_run
 from test_profiler import calibrated
-from utils.demo import make_imagenet_folder
 from utils.profiler import point_name
 from utils.sensitivity import block_sensitivity, evaluate_keep_fp, fisher_sensitivity
 
@@ -31,20 +30,7 @@ def analyse(*args: object, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
     """A real test_qvit.py run (random DeiT-tiny weights, generated images), profiled in both views."""
-    import timm
-
-    root = tmp_path_factory.mktemp("analysis")
-    make_imagenet_folder(root / "data" / "train", classes=2, per_class=4, seed=0, size=64)
-    make_imagenet_folder(root / "data" / "val", classes=3, per_class=2, seed=1, size=64)
-    torch.manual_seed(0)
-    checkpoint = root / "deit_tiny.pth"
-    torch.save(timm.create_model(MODEL).state_dict(), checkpoint)
-    result = run_cli(
-        "--model", MODEL, "--checkpoint", checkpoint, "--data", root / "data", "--log-dir", root / "log", "--batch-size", 4,
-        "--workers", 0, "--no-progress", "--hist", "none", "--profile", "isolated", "--profile-samples", 2, "--save-calibrated",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return Path(result.stdout.strip().splitlines()[-1])
+    return deit_tiny_run(tmp_path_factory.mktemp("analysis"), "--profile", "isolated", "--profile-samples", 2)[1]
 
 
 def png_ok(path: Path) -> None:

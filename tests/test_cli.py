@@ -43,6 +43,21 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def deit_tiny_run(root: Path, *extra: object) -> tuple[Path, Path]:
+    """Generated images under ``root/data``, random DeiT-tiny weights, one test_qvit.py run with ``extra``
+    flags: returns (checkpoint, run folder)."""
+    import timm
+
+    make_imagenet_folder(root / "data" / "train", classes=2, per_class=4, seed=0, size=64)
+    make_imagenet_folder(root / "data" / "val", classes=3, per_class=2, seed=1, size=64)
+    torch.manual_seed(0)
+    checkpoint = root / "deit_tiny.pth"
+    torch.save(timm.create_model(MODEL).state_dict(), checkpoint)
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root / "data", root / "log", "--save-calibrated", *extra))
+    assert result.returncode == 0, result.stderr
+    return checkpoint, Path(result.stdout.strip().splitlines()[-1])
+
+
 def fast(data: Path, log: Path, *extra: object) -> list[object]:
     # No histogram PNGs unless a test asks (a later --hist wins): ~200 of them take a while.
     return ["--data", data, "--log-dir", log, "--batch-size", 4, "--workers", 0, "--no-progress", "--hist", "none", *extra]
