@@ -160,7 +160,7 @@ def convert(args: argparse.Namespace) -> Path:
             source = f"{args.verify_images} generated images (agreement only; pass --val-dir for accuracy)"
         print(f"[3/4] verify with ONNX Runtime on {source}")
         sessions = {name: ort_session(folder / f"{name}.onnx") for name in ("fp32", "int8")}
-        agree = total = correct_ort = correct_torch = 0
+        agree = agree_fp32 = total = correct_ort = correct_torch = 0
         fp32_diff = 0.0
         diffs = []
         for x, y, _ in loader:
@@ -176,6 +176,7 @@ def convert(args: argparse.Namespace) -> Path:
             fp32_diff = max(fp32_diff, float(np.abs(out_fp32 - ref_fp32).max()))
             diffs.append(np.abs(out_int8 - ref_int8))
             agree += int((out_int8.argmax(1) == ref_int8.argmax(1)).sum())
+            agree_fp32 += int((out_int8.argmax(1) == ref_fp32.argmax(1)).sum())
             total += len(x)
             if y is not None:
                 correct_ort += int((out_int8.argmax(1) == y.numpy()).sum())
@@ -187,6 +188,7 @@ def convert(args: argparse.Namespace) -> Path:
             "images": total,
             "fp32_max_abs_diff": fp32_diff,
             "int8_top1_agreement_with_pytorch": agree / total,
+            "int8_top1_agreement_with_fp32": agree_fp32 / total,
             "int8_max_abs_logit_diff": float(diff.max()),
             "int8_mean_abs_logit_diff": float(diff.mean()),
         }
@@ -194,7 +196,8 @@ def convert(args: argparse.Namespace) -> Path:
             verify.update(ort_int8_top1=100 * correct_ort / total, pytorch_int8_top1=100 * correct_torch / total)
         report["verify"] = verify
         print(f"      FP32: max |ORT - PyTorch| = {fp32_diff:.2e} ({'within' if fp32_diff <= 1e-4 else 'ABOVE'} 1e-4)")
-        print(f"      INT8: top-1 agreement with PyTorch fake-quant {agree / total:.4f}, logit |diff| max {diff.max():.3g}, mean {diff.mean():.3g}")
+        print(f"      INT8: top-1 agreement with PyTorch fake-quant {agree / total:.4f}, with FP32 {agree_fp32 / total:.4f}; "
+              f"logit |diff| to fake-quant max {diff.max():.3g}, mean {diff.mean():.3g}")
         if args.val_dir:
             print(f"      INT8 top-1: ORT {verify['ort_int8_top1']:.2f}%, PyTorch fake-quant {verify['pytorch_int8_top1']:.2f}%")
         rows = []

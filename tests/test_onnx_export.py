@@ -126,7 +126,7 @@ def test_convert_onnx_only_end_to_end(calibrated_run, tmp_path):
     assert folder.parent == out and sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.onnx"]
     report = json.loads((folder / "conversion.json").read_text())
     assert report["verify"]["images"] == 4 and report["verify"]["fp32_max_abs_diff"] < 1e-4
-    assert 0 <= report["verify"]["int8_top1_agreement_with_pytorch"] <= 1
+    assert 0 <= report["verify"]["int8_top1_agreement_with_pytorch"] <= 1 and 0 <= report["verify"]["int8_top1_agreement_with_fp32"] <= 1
     assert [r["batch"] for r in report["ort_benchmark"]] == [1] and report["ort_benchmark"][0]["int8_ms"] > 0
     assert {p["plan"] for p in report["points"]} == {"qdq"}
     assert check_qdq(onnx.load(str(folder / "int8.onnx"))) == []
