@@ -26,16 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_qvit import SHARED_DEIT, batches, build  # noqa: E402
+from convert_tensorrt import ort_session  # noqa: E402
 from quant_config import load_recipe  # noqa: E402
 from utils.onnx_export import export_onnx, simplify  # noqa: E402
-
-
-def session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -64,7 +57,7 @@ def main() -> None:
             for name, quantized in (("fp32", False), ("int8", True)):
                 export_onnx(qvit, folder / f"{name}.raw.onnx", (224, 224), quantized=quantized)
                 simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx")
-                sessions[name] = session(folder / f"{name}.onnx")
+                sessions[name] = ort_session(folder / f"{name}.onnx")
             for batch in (int(b) for b in args.batches.split(",")):
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
                 times = {"fp32": [], "int8": []}
