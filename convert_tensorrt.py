@@ -210,13 +210,11 @@ def convert(args: argparse.Namespace) -> Path:
 
         # 4. TensorRT
         print("[4/4] TensorRT")
-        trt_missing = importlib.util.find_spec("tensorrt") is None
-        reason = (
-            "tensorrt is not installed (pip install -r requirements-trt.txt, on a machine with an NVIDIA GPU and driver)"
-            if trt_missing
-            else ("no CUDA GPU visible" if not torch.cuda.is_available() else None)
-        )
-        if reason is None:
+        if importlib.util.find_spec("tensorrt") is None:
+            reason = "tensorrt is not installed (pip install -r requirements-trt.txt, on a machine with an NVIDIA GPU and driver)"
+        elif not torch.cuda.is_available():
+            reason = "no CUDA GPU visible"
+        else:
             reason = "TensorRT engine building is not part of this version yet"
         report["tensorrt"] = {"built": False, "reason": reason}
         write_json_atomic(folder / "conversion.json", report)

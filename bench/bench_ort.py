@@ -7,16 +7,14 @@
 Per model: build (random weights unless ../shared holds DeiT-tiny's), calibrate the recipe on
 ``--calib-images`` images (real ones from ``--data`` when given, else random tensors; speed does not
 depend on them), export both ONNX models as convert_tensorrt.py does, simplify, and time
-``session.run`` (median of ``--iters`` after two warm-up runs; FP32 and INT8 alternate per iteration so
+``session.run`` (median of ``--iters`` after a warm-up run; FP32 and INT8 alternate (bench_qvit.timed_pairs) so
 the shared machine's drift cancels in the ratio). Prints a table and the INT8/FP32 speedups.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_qvit import SHARED_DEIT, batches, build  # noqa: E402
+from bench.bench_qvit import SHARED_DEIT, batches, build, timed_pairs  # noqa: E402
 from convert_tensorrt import ort_session  # noqa: E402
 from quant_config import load_recipe  # noqa: E402
 from utils.onnx_export import export_onnx, simplify  # noqa: E402
@@ -60,17 +58,10 @@ def main() -> None:
                 sessions[name] = ort_session(folder / f"{name}.onnx")
             for batch in (int(b) for b in args.batches.split(",")):
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                times = {"fp32": [], "int8": []}
-                for name in times:
-                    for _ in range(2):
-                        sessions[name].run(None, {"images": x})
-                for _ in range(args.iters):
-                    for name in times:
-                        start = time.perf_counter()
-                        sessions[name].run(None, {"images": x})
-                        times[name].append(time.perf_counter() - start)
-                ratio = statistics.median(f / i for f, i in zip(times["fp32"], times["int8"]))
-                t32, t8 = statistics.median(times["fp32"]), statistics.median(times["int8"])
+                t32, t8, time_ratio = timed_pairs(
+                    lambda: sessions["fp32"].run(None, {"images": x}), lambda: sessions["int8"].run(None, {"images": x}), args.iters
+                )
+                ratio = 1 / time_ratio
                 rows.append((model_name, batch, 1e3 * t32, 1e3 * t8, batch / t32, batch / t8, ratio))
                 print(f"  {model_name} batch {batch}: FP32 {1e3 * t32:.1f} ms, INT8 {1e3 * t8:.1f} ms, {ratio:.2f}x", flush=True)
 

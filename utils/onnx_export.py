@@ -21,7 +21,6 @@ QuantizeLinear/DequantizeLinear pair.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,9 @@ from torch import Tensor
 from models.ptq.quantizers import UniformQuantizer
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
+from utils.profiler import point_name
 
 __all__ = ["ExportPoint", "check_qdq", "export_onnx", "export_plan", "qdq_hooks", "qdq_scales", "simplify"]
-
-log = logging.getLogger(__name__)
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -83,7 +81,7 @@ def export_plan(qvit: QVit) -> list[ExportPoint]:
     """How each quantization point of ``qvit`` (calibrated) is exported, in model order."""
     if not qvit.is_calibrated:
         raise RuntimeError("export needs a calibrated QVit")
-    return [_plan(path.removesuffix("_quant"), q) for path, q in qvit.quantizers().items()]
+    return [_plan(point_name(path), q) for path, q in qvit.quantizers().items()]
 
 
 @contextlib.contextmanager
@@ -103,7 +101,7 @@ def qdq_hooks(qvit: QVit, plan: list[ExportPoint]) -> Iterator[None]:
         return qdq
 
     for path, q in qvit.quantizers().items():
-        point = by_name[path.removesuffix("_quant")]
+        point = by_name[point_name(path)]
         if point.quantized:
             handles.append(q.register_forward_hook(hook(point)))
     try:

@@ -31,14 +31,11 @@ from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
 from utils.data import Batch
 from utils.metrics import classification_metrics
+from utils.profiler import point_name
 
 __all__ = ["KeepFpResult", "block_sensitivity", "evaluate_keep_fp", "fisher_sensitivity"]
 
 log = logging.getLogger(__name__)
-
-
-def _point_name(path: str) -> str:
-    return path.removesuffix("_quant")
 
 
 def fisher_sensitivity(qvit: QVit, batches: Iterable[Batch], device: torch.device | str = "cpu", progress: bool = False) -> pd.DataFrame:
@@ -94,7 +91,7 @@ def fisher_sensitivity(qvit: QVit, batches: Iterable[Batch], device: torch.devic
     log.info("Fisher sensitivity of %d points on %d images in %.1f s", len(quantizers), images, time.perf_counter() - start)
     table = pd.DataFrame(
         {
-            "name": [_point_name(p) for p in quantizers],
+            "name": [point_name(p) for p in quantizers],
             "kind": [q.kind for q in quantizers.values()],
             "enabled": [q.enabled for q in quantizers.values()],
             "fisher": sums[:, 0] / (2 * images),
@@ -137,7 +134,7 @@ def evaluate_keep_fp(
     from tqdm import tqdm
 
     device = torch.device(device)
-    by_name = {_point_name(p): q for p, q in qvit.quantizers().items()}
+    by_name = {point_name(p): q for p, q in qvit.quantizers().items()}
     unknown = [n for n in ranking[: max(keeps, default=0)] if n not in by_name]
     if unknown:
         raise ValueError(f"not quantization points of this model: {', '.join(unknown)}")
