@@ -9,7 +9,8 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
                      target, Sec. 3.2);
 ``attention``        the softmax output, i.e. the attention map (log2 for log-int-softmax, Sec. 3.3).
 
-A kind set to ``null`` stays in floating point. Recipes live as YAML files in ``configs/`` and are
+A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
+outputs channel by channel before calibration (:mod:`models.ptq.reparam`). Recipes live as YAML files in ``configs/`` and are
 loaded with :func:`load_recipe`; every value is checked and a bad one raises :class:`ConfigError`
 with a one-line message naming the file and the key.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "KINDS",
     "QuantRecipe",
     "QuantizerSpec",
+    "ReparamSpec",
     "DEFAULT_RECIPE",
     "CONFIG_DIR",
     "available_recipes",
@@ -128,6 +130,26 @@ class QuantizerSpec:
 
 
 @dataclass(frozen=True)
+class ReparamSpec:
+    """Channel-wise reparameterization of each LayerNorm output into its Linear (models/ptq/reparam.py).
+
+    ``alpha`` is the migration strength: each channel is divided by ``a^alpha / w^(1 - alpha)`` (a: its
+    calibrated half-range, w: the largest weight that reads it), so 1 equalizes the activation channels
+    (RepQ-ViT) and 0.5 balances activations and weights (SmoothQuant). ``shift`` centres every channel
+    on its calibrated range first.
+    """
+
+    alpha: float = 0.5
+    shift: bool = True
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{where}.alpha must be a number from 0 to 1, got {self.alpha!r}")
+        if not isinstance(self.shift, bool):
+            raise ConfigError(f"{where}.shift must be true or false, got {self.shift!r}")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
 
@@ -139,6 +161,7 @@ class QuantRecipe:
     attention: QuantizerSpec | None = None
     # Softmax from integer-only arithmetic on the quantized scores (I-BERT i-exp, used by FQ-ViT's LIS).
     integer_softmax: bool = False
+    reparam: ReparamSpec | None = None
 
     def validate(self, where: str = "recipe") -> "QuantRecipe":
         if not isinstance(self.name, str) or not self.name:
@@ -153,6 +176,10 @@ class QuantRecipe:
             raise ConfigError(f"{where}.weight.quantizer must be uniform")
         if self.integer_softmax and self.activation is None:
             raise ConfigError(f"{where}: integer_softmax needs the activation kind quantized (it runs on the integer scores)")
+        if self.reparam is not None:
+            self.reparam.validate(f"{where}.reparam")
+            if self.activation is None:
+                raise ConfigError(f"{where}: reparam needs the activation kind quantized (it reshapes the Linear inputs for it)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +239,11 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
         raise ConfigError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
     data = dict(data)
     kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
+    reparam = data.pop("reparam", None)
+    if reparam is not None:
+        reparam = _build_dataclass(ReparamSpec, reparam, f"{where}.reparam")
     recipe = _build_dataclass(QuantRecipe, data, where)
-    return dataclasses.replace(recipe, **kinds).validate(where)
+    return dataclasses.replace(recipe, reparam=reparam, **kinds).validate(where)
 
 
 def available_recipes() -> list[str]:

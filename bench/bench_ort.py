@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from bench.bench_qvit import SHARED_DEIT, batches, build, timed_pairs  # noqa: E402
 from convert_tensorrt import ort_session  # noqa: E402
 from quant_config import load_recipe  # noqa: E402
+from utils.engine import calibrate  # noqa: E402
 from utils.onnx_export import export_onnx, simplify  # noqa: E402
 
 
@@ -46,9 +47,8 @@ def main() -> None:
     for model_name in args.models.split(","):
         checkpoint = SHARED_DEIT if model_name == "deit_tiny_patch16_224" and SHARED_DEIT.is_file() else None
         qvit = build(model_name, load_recipe(args.recipe), checkpoint)
-        with torch.inference_mode(), qvit.calibrating():
-            for x in batches(model_name, args.data, 16, -(-args.calib_images // 16)):
-                qvit(x)
+        feed = [(x, None, 0) for x in batches(model_name, args.data, 16, -(-args.calib_images // 16))]
+        calibrate(qvit, feed, torch.device("cpu"), progress=False)
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             sessions = {}

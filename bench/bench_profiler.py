@@ -28,16 +28,15 @@ import torch  # noqa: E402
 
 from bench.bench_qvit import SHARED_DEIT, batches, build, timed_pairs  # noqa: E402
 from quant_config import load_recipe  # noqa: E402
+from utils.engine import calibrate  # noqa: E402
 from utils.profiler import run_profile  # noqa: E402
 
 
 def bench(model_name: str, recipe: str, xs: list[torch.Tensor], iters: int, isolated: bool) -> dict:
     checkpoint = SHARED_DEIT if model_name == "deit_tiny_patch16_224" and SHARED_DEIT.is_file() else None
     qvit = build(model_name, load_recipe(recipe), checkpoint)
-    with torch.inference_mode(), qvit.calibrating():
-        for x in xs:
-            qvit(x)
     feed = [(x, None, 0) for x in xs]
+    calibrate(qvit, feed, torch.device("cpu"), progress=False)
 
     @torch.inference_mode()
     def evaluate() -> None:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from models.quant_vit import QVit  # noqa: E402
 from quant_config import available_recipes, load_recipe  # noqa: E402
 from utils.checkpoint import create_model, load_checkpoint  # noqa: E402
+from utils.engine import calibrate  # noqa: E402
 
 SHARED_DEIT = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 OBSERVERS = ("minmax", "percentile", "omse", "kl")
@@ -92,9 +93,7 @@ def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iter
     t_fused = timed(lambda: fused(x), iters)
     for name in recipes:
         qvit = build(model_name, load_recipe(name), checkpoint)
-        with qvit.calibrating():
-            for cx in xs[:2]:
-                qvit(cx)
+        calibrate(qvit, [(cx, None, 0) for cx in xs[:2]], torch.device("cpu"), progress=False)
 
         def fp32(qvit: QVit = qvit) -> None:
             with qvit.fp32():

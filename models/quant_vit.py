@@ -17,6 +17,14 @@ Modes are switched on the model, not per layer::
 
 The calibrated scales are buffers: ``qvit.state_dict()`` saves them and ``load_state_dict`` restores a
 calibrated model without calibration data.
+
+A recipe with ``reparam`` first folds per-channel factors into each LayerNorm and the Linear after it
+(:mod:`models.ptq.reparam`), from one pass over the calibration images before calibration proper::
+
+    with qvit.reparameterizing():     # FP32, records the LayerNorm output ranges; folds on exit
+        for images in loader:
+            qvit(images)
+    with qvit.calibrating(): ...
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantRecipe
 
@@ -59,6 +68,7 @@ class QVit(nn.Module):
         self.recipe = recipe
         self.state = QuantState(QuantMode.QUANT)
         self.model = model
+        self.reparam_factors: ReparamFactors = {}  # folded into the weights; saved with the calibrated state
         self._convert()
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
@@ -101,8 +111,31 @@ class QVit(nn.Module):
         return self._mode(QuantMode.QUANT)
 
     @contextlib.contextmanager
+    def reparameterizing(self) -> Iterator["QVit"]:
+        """Run FP32 and record each LayerNorm output's channel ranges; on a clean exit fold the recipe's factors."""
+        if self.recipe.reparam is None:
+            raise RuntimeError(f"recipe {self.recipe.name} has no reparam section")
+        if self.reparam_factors:
+            raise RuntimeError("the model is already reparameterized")
+        with self._mode(QuantMode.FP32), observe_layernorm_outputs(self.model) as ranges:
+            yield self
+        if any(not r for r in ranges.values()):
+            raise RuntimeError("reparameterizing() saw no images")
+        self.apply_reparam(compute_factors(self.model, ranges, self.recipe.reparam))
+
+    @torch.no_grad()
+    def apply_reparam(self, factors: ReparamFactors) -> None:
+        """Fold per-LayerNorm (shift, scale) factors into the weights (calibrated-file loading replays them)."""
+        if self.reparam_factors:
+            raise RuntimeError("the model is already reparameterized")
+        apply_factors(self.model, factors)
+        self.reparam_factors = {name: (shift.detach().cpu(), scale.detach().cpu()) for name, (shift, scale) in factors.items()}
+
+    @contextlib.contextmanager
     def calibrating(self) -> Iterator["QVit"]:
         """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point."""
+        if self.recipe.reparam is not None and not self.reparam_factors:
+            raise RuntimeError(f"recipe {self.recipe.name} reparameterizes the LayerNorm outputs: run the images through reparameterizing() first")
         for quantizer in self.quantizers().values():
             quantizer.reset_observer()
         with self._mode(QuantMode.CALIBRATE):

@@ -11,20 +11,12 @@ import torch
 import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 
-from conftest import make_tiny_vit, tiny_images
+from conftest import calibrated, make_tiny_vit, tiny_images
 from models.ptq.quantizers import Log2Quantizer
 from models.quant_vit import QVit
 from quant_config import load_recipe
 from utils.plots import select_histogram_points, write_point_histograms
 from utils.profiler import COLUMNS, HistogramBins, NoImagesError, _Profiler, point_name, profile, run_profile
-
-
-def calibrated(recipe: str = "fqvit_w8a8_att8", model=None, **overrides) -> QVit:
-    qvit = QVit(model if model is not None else make_tiny_vit(), load_recipe(recipe, overrides or None))
-    with torch.no_grad(), qvit.calibrating():
-        for i in range(3):
-            qvit(tiny_images(8, seed=10 + i))
-    return qvit
 
 
 def batches(*seeds: int, n: int = 4) -> list:

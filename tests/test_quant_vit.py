@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from conftest import make_tiny_vit, tiny_images
+from conftest import calibrated, make_tiny_vit, tiny_images
 from models.ptq.layers import QuantAttention, QuantBlock, QuantLayerNorm, QuantLinear
 from models.ptq.tensor_quantizer import QuantMode
 from models.quant_vit import QVit, UnsupportedModelError
@@ -17,14 +17,6 @@ from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, 
 from utils.errors import UserError
 
 RECIPES = ["fqvit_w8a8_att8", "fqvit_w8a8_att4", "minmax_w8a8"]
-
-
-def calibrated(recipe: str = "fqvit_w8a8_att8", seed: int = 0, **overrides) -> QVit:
-    qvit = QVit(make_tiny_vit(seed), load_recipe(recipe, overrides or None))
-    with torch.no_grad(), qvit.calibrating():
-        for i in range(3):
-            qvit(tiny_images(8, seed=10 + i))
-    return qvit
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -155,6 +155,8 @@ def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_finge
         "weights_sha256": weights_fingerprint,
         "checkpoint_sha256": checkpoint_sha256,
         "quantizers": quantizer_state,
+        # LayerNorm->Linear factors folded into the weights (recipe reparam); replayed on the original weights.
+        "reparam": {name: {"shift": shift, "scale": scale} for name, (shift, scale) in qvit.reparam_factors.items()},
     }
     _atomic_torch_save(record, Path(path))
 
@@ -184,6 +186,14 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
             f"calibrated file {path} was calibrated on other weights of {record['model']}; "
             "pass the same --checkpoint (or pretrained weights) it was made with"
         )
+    reparam = record.get("reparam") or {}
+    if bool(reparam) != (qvit.recipe.reparam is not None):
+        raise UserError(f"calibrated file {path}: its reparameterization factors do not match its recipe")
+    if reparam:
+        try:
+            qvit.apply_reparam({name: (f["shift"], f["scale"]) for name, f in reparam.items()})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"calibrated file {path}: cannot replay its reparameterization ({exc})") from None
     state = record["quantizers"]
     if set(state) != _quantizer_keys(qvit):
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")

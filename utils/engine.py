@@ -38,9 +38,21 @@ class CalibrationResult:
 
 @torch.inference_mode()
 def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True) -> CalibrationResult:
-    """Run every batch through the model in calibration mode, then fix all scales."""
-    images = unreadable = 0
+    """Run every batch through the model in calibration mode, then fix all scales.
+
+    A recipe with ``reparam`` takes one FP32 pass over the same batches first (``batches`` is iterated twice).
+    """
     start = time.perf_counter()
+    if qvit.recipe.reparam is not None and not qvit.reparam_factors:
+        seen = 0
+        with qvit.reparameterizing():
+            for x, _, _ in tqdm(batches, desc="reparameterize", unit="batch", disable=not progress, leave=False):
+                if x is not None:
+                    qvit(x.to(device, non_blocking=True))
+                    seen += len(x)
+            if seen == 0:  # leaves the context with an error, so nothing is folded
+                raise UserError("no readable calibration image")
+    images = unreadable = 0
     with qvit.calibrating():
         for x, _, bad in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
             unreadable += bad

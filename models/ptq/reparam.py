@@ -1,0 +1,129 @@
+"""Channel-wise reparameterization of post-LayerNorm activations into per-tensor-friendly ones.
+
+The LayerNorm outputs of a ViT have a few channels far wider than the rest (the LayerNorm affine
+amplifies the residual stream's outlier channels), so one per-tensor scale wastes most of its levels on
+them. RepQ-ViT (Li et al., ICCV 2023, arXiv 2212.08254, Sec. 4.2 "Post-LayerNorm activations") calibrates
+them per channel and then moves the per-channel factors out of the activation: into the LayerNorm's
+affine parameters before it and into the input columns of the Linear after it. The float function is
+unchanged, the activation quantizer stays per tensor, so TensorRT and ONNX Runtime deploy it as is.
+
+This module implements the symmetric form used for int8 Q/DQ. For each LayerNorm output channel ``j``
+with calibrated range ``[lo_j, hi_j]`` and the Linear ``y = W x + b`` that reads it:
+
+* shift ``c_j = (lo_j + hi_j) / 2`` (0 without ``shift``) centres the channel on the grid's zero;
+* scale ``s_j = a_j^alpha / w_j^(1 - alpha)`` with ``a_j`` the centred half-range and ``w_j = max_i |W_ij|``
+  (SmoothQuant's migration strength, Xiao et al., ICML 2023, arXiv 2211.10438, Sec. 4: ``alpha = 1``
+  equalizes the activation channels as RepQ-ViT does; smaller values leave part of the spread in the
+  activation so the weight rows, quantized per output channel, do not inherit all of it);
+* LayerNorm ``gamma' = gamma / s``, ``beta' = (beta - c) / s``; Linear ``W' = W diag(s)``, ``b' = b + W c``.
+
+Then ``W' x' + b' = W (s * (x - c) / s) + W c + b = W x + b``: only float rounding changes the output.
+The factors are kept on the :class:`~models.quant_vit.QVit` (``reparam_factors``) and saved with the
+calibrated quantizers, so a calibrated file can be replayed on the original weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from models.ptq.observers import channel_view
+from quant_config import ReparamSpec
+
+__all__ = ["ReparamFactors", "apply_factors", "compute_factors", "layernorm_linear_pairs", "observe_layernorm_outputs"]
+
+# (shift c, scale s) per LayerNorm, by the LayerNorm's module path.
+ReparamFactors = dict[str, tuple[Tensor, Tensor]]
+
+
+def layernorm_linear_pairs(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, nn.Linear]]:
+    """Every LayerNorm whose output feeds exactly one Linear: each block's norm1 -> attn.qkv and norm2 -> mlp.fc1."""
+    from timm.models.vision_transformer import Block
+
+    pairs = {}
+    for name, block in model.named_modules():
+        if isinstance(block, Block):
+            pairs[f"{name}.norm1"] = (block.norm1, block.attn.qkv)
+            pairs[f"{name}.norm2"] = (block.norm2, block.mlp.fc1)
+    return pairs
+
+
+@contextlib.contextmanager
+def observe_layernorm_outputs(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
+    """Within: every forward records the per-channel [min, max] of each LayerNorm output (the Linear's input).
+
+    Yields ``{layernorm path: [lo, hi]}``, filled as batches run (empty lists until the first one).
+    """
+    ranges: dict[str, list[Tensor]] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            lo, hi = torch.aminmax(channel_view(args[0].detach(), -1).float(), dim=0)
+            seen = ranges[name]
+            if seen:
+                torch.minimum(seen[0], lo, out=seen[0])
+                torch.maximum(seen[1], hi, out=seen[1])
+            else:
+                seen.extend((lo, hi))
+
+        return record
+
+    for name, (_, linear) in layernorm_linear_pairs(model).items():
+        ranges[name] = []
+        handles.append(linear.register_forward_pre_hook(hook(name)))
+    try:
+        yield ranges
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def compute_factors(model: nn.Module, ranges: dict[str, list[Tensor]], spec: ReparamSpec) -> ReparamFactors:
+    """The shift and scale of every LayerNorm channel from its observed range (see the module docstring)."""
+    pairs = layernorm_linear_pairs(model)
+    factors: ReparamFactors = {}
+    for name, (lo, hi) in ranges.items():
+        _, linear = pairs[name]
+        if spec.shift:
+            shift = (lo + hi) / 2
+            half_range = (hi - lo) / 2
+        else:
+            shift = torch.zeros_like(lo)
+            half_range = torch.maximum(lo.abs(), hi.abs())
+        # A constant channel (half-range 0) or a column of zero weights would give a zero or infinite factor.
+        half_range = half_range.clamp_min(1e-5)
+        column_max = linear.weight.detach().abs().amax(dim=0).float().clamp_min(1e-5)
+        scale = half_range.pow(spec.alpha) / column_max.pow(1.0 - spec.alpha)
+        # A common factor changes nothing after calibration; normalising keeps the values near their size.
+        scale = scale / scale.mean()
+        factors[name] = (shift, scale)
+    return factors
+
+
+@torch.no_grad()
+def apply_factors(model: nn.Module, factors: ReparamFactors) -> None:
+    """Fold ``factors`` into the LayerNorm affines and the Linear weights and biases, in place."""
+    pairs = layernorm_linear_pairs(model)
+    unknown = sorted(set(factors) - set(pairs))
+    if unknown:
+        raise ValueError(f"reparameterization factors for modules that are not LayerNorm->Linear pairs: {', '.join(unknown[:3])}")
+    for name, (shift, scale) in factors.items():
+        norm, linear = pairs[name]
+        if norm.weight is None or norm.bias is None:
+            raise ValueError(f"{name} has no affine parameters to fold the reparameterization into")
+        shift = shift.to(norm.weight.device, torch.float32)
+        scale = scale.to(norm.weight.device, torch.float32)
+        weight = linear.weight.float()
+        bias_delta = weight @ shift
+        if linear.bias is None:
+            # A normal tensor even when folding runs under inference mode (calibration), so autograd can use it.
+            with torch.inference_mode(False):
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=linear.weight.dtype))
+        linear.bias.add_(bias_delta.to(linear.bias.dtype))
+        linear.weight.copy_((weight * scale).to(linear.weight.dtype))
+        norm.bias.copy_(((norm.bias.float() - shift) / scale).to(norm.bias.dtype))
+        norm.weight.copy_((norm.weight.float() / scale).to(norm.weight.dtype))

@@ -1,0 +1,176 @@
+"""LayerNorm -> Linear channel reparameterization (models/ptq/reparam.py) on tiny random ViTs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_vit, tiny_images
+from models.ptq.reparam import layernorm_linear_pairs, observe_layernorm_outputs
+from models.quant_vit import QVit
+from quant_config import ConfigError, load_recipe
+from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
+from utils.engine import calibrate
+from utils.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def outlier_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A tiny ViT whose LayerNorms have a few wide, off-centre channels, as trained ViTs do."""
+    model = make_tiny_vit(seed, **kwargs)
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.weight[:3] *= torch.tensor([12.0, -8.0, 6.0])
+                norm.bias[3:5] += torch.tensor([3.0, -2.5])
+    return model
+
+
+def images() -> list[torch.Tensor]:
+    return [tiny_images(8, seed=10 + i) for i in range(3)]
+
+
+def reparameterized(alpha: float, shift: bool = True, model=None) -> QVit:
+    qvit = QVit(model if model is not None else outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": alpha, "shift": shift}}))
+    with torch.no_grad(), qvit.reparameterizing():
+        for x in images():
+            qvit(x)
+    return qvit
+
+
+def ranges(qvit: QVit) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    with torch.no_grad(), qvit.fp32(), observe_layernorm_outputs(qvit.model) as seen:
+        for x in images():
+            qvit(x)
+    return {name: (lo, hi) for name, (lo, hi) in seen.items()}
+
+
+@pytest.mark.parametrize("alpha,shift", [(0.0, True), (0.5, True), (1.0, True), (0.7, False)])
+def test_fp32_output_is_unchanged(alpha, shift):
+    reference = QVit(outlier_vit(), load_recipe("trt_int8"))
+    qvit = reparameterized(alpha, shift)
+    assert set(qvit.reparam_factors) == {f"blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}
+    x = tiny_images(8, seed=3)
+    with torch.no_grad(), reference.fp32(), qvit.fp32():
+        expected, actual = reference(x), qvit(x)
+    assert not torch.equal(qvit.model.blocks[0].attn.qkv.weight, reference.model.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_linear_without_bias_gets_one_for_the_shift():
+    model = outlier_vit(qkv_bias=False)
+    reference = QVit(outlier_vit(qkv_bias=False), load_recipe("trt_int8"))
+    qvit = reparameterized(1.0, model=model)
+    assert qvit.model.blocks[0].attn.qkv.bias is not None
+    x = tiny_images(4, seed=3)
+    with torch.no_grad(), reference.fp32(), qvit.fp32():
+        torch.testing.assert_close(qvit(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_alpha_one_equalizes_and_centres_every_channel():
+    before = ranges(QVit(outlier_vit(), load_recipe("trt_int8")))
+    after = ranges(reparameterized(1.0))
+    for name, (lo, hi) in after.items():
+        half, centre = (hi - lo) / 2, (hi + lo) / 2
+        # Same images as the ones the factors came from: every channel spans the same centred range.
+        torch.testing.assert_close(half, torch.full_like(half, float(half.mean())), rtol=1e-4, atol=0)
+        assert float(centre.abs().max()) < 1e-4 * float(half.mean())
+        lo0, hi0 = before[name]
+        spread0 = (hi0 - lo0).max() / (hi0 - lo0).min()
+        assert spread0 > 5  # the model had wide channels to start with
+
+
+def test_alpha_half_balances_activation_and_weight_ranges():
+    qvit = reparameterized(0.5)
+    pairs = layernorm_linear_pairs(qvit.model)
+    for name, (lo, hi) in ranges(qvit).items():
+        activation = (hi - lo) / 2
+        weight = pairs[name][1].weight.detach().abs().amax(dim=0)
+        ratio = activation / weight  # SmoothQuant with alpha 0.5: the same for every channel
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=0)
+
+
+def linear_output_error(qvit: QVit) -> float:
+    """Relative squared error of every post-LayerNorm Linear's output, its input and weight quantized."""
+    inputs = {}
+    pairs = layernorm_linear_pairs(qvit.model)
+    handles = [linear.register_forward_pre_hook(lambda m, args, n=name: inputs.setdefault(n, args[0])) for name, (_, linear) in pairs.items()]
+    with torch.no_grad(), qvit.fp32():
+        qvit(tiny_images(16, seed=4))
+    for h in handles:
+        h.remove()
+    error = total = 0.0
+    with torch.no_grad():
+        for name, (_, linear) in pairs.items():
+            quantized = linear(inputs[name])
+            with qvit.fp32():
+                reference = linear(inputs[name])
+            error += float((quantized - reference).pow(2).sum())
+            total += float(reference.pow(2).sum())
+    return error / total
+
+
+def test_reparameterization_lowers_the_quantization_error_of_outlier_channels():
+    overrides = {"activation.observer": "minmax", "attention.observer": "minmax"}
+    plain = QVit(outlier_vit(), load_recipe("trt_int8", overrides))
+    reparam = QVit(outlier_vit(), load_recipe("trt_int8", {**overrides, "reparam": {"alpha": 0.5}}))
+    batches = [(x, None, 0) for x in images()]
+    for qvit in (plain, reparam):
+        calibrate(qvit, batches, CPU, progress=False)
+    # The same FP32 function, so the same Linear outputs to reproduce: the error must fall by more than half.
+    assert linear_output_error(reparam) < 0.5 * linear_output_error(plain)
+
+
+def test_calibration_needs_the_reparameterization_pass_first():
+    qvit = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": 0.5}}))
+    with pytest.raises(RuntimeError, match="reparameterizing"):
+        with qvit.calibrating():
+            pass
+    calibrate(qvit, [(x, None, 0) for x in images()], CPU, progress=False)  # does both passes
+    assert qvit.is_calibrated and qvit.reparam_factors
+    with pytest.raises(RuntimeError, match="already reparameterized"):
+        with qvit.reparameterizing():
+            pass
+    with pytest.raises(RuntimeError, match="no reparam section"):
+        with QVit(outlier_vit(), load_recipe("trt_int8")).reparameterizing():
+            pass
+
+
+def test_calibrated_file_replays_the_factors_on_the_original_weights(tmp_path):
+    source = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": 0.5}}))
+    original = weights_sha256(source.model)
+    calibrate(source, [(x, None, 0) for x in images()], CPU, progress=False)
+    path = tmp_path / "calibrated.pt"
+    save_calibrated(source, path, "tiny", original, None)
+    record, recipe = read_calibrated(path)
+    target = QVit(outlier_vit(), recipe)
+    load_calibrated(target, record, path, weights_sha256(target.model))
+    x = tiny_images(8, seed=6)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    # The factors without the recipe that made them (or the reverse) are refused.
+    record_without = {**record, "reparam": {}}
+    with pytest.raises(UserError, match="do not match its recipe"):
+        load_calibrated(QVit(outlier_vit(), recipe), record_without, path, original)
+    record_unknown = {**record, "reparam": {"blocks.9.norm1": record["reparam"]["blocks.0.norm1"]}}
+    with pytest.raises(UserError, match="cannot replay"):
+        load_calibrated(QVit(outlier_vit(), recipe), record_unknown, path, original)
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ({"alpha": 1.5}, "reparam.alpha must be a number from 0 to 1"),
+        ({"alpha": True}, "reparam.alpha must be a number from 0 to 1"),
+        ({"shift": "yes"}, "reparam.shift must be true or false"),
+        ({"beta": 0.5}, "reparam: unknown key 'beta'"),
+    ],
+)
+def test_bad_reparam_values_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("trt_int8", {"reparam": value})
+
+
+def test_reparam_needs_quantized_activations():
+    with pytest.raises(ConfigError, match="reparam needs the activation kind quantized"):
+        load_recipe("trt_int8", {"reparam": {"alpha": 0.5}, "activation": None})
