@@ -19,6 +19,9 @@ def outlier_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
     """A tiny ViT whose LayerNorms have a few wide, off-centre channels, as trained ViTs do."""
     model = make_tiny_vit(seed, **kwargs)
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.02)  # timm initialises them to zero; trained biases are not
         for block in model.blocks:
             for norm in (block.norm1, block.norm2):
                 norm.weight[:3] *= torch.tensor([12.0, -8.0, 6.0])
@@ -112,7 +115,7 @@ def linear_output_error(qvit: QVit) -> float:
 
 def test_reparameterization_lowers_the_quantization_error_of_outlier_channels():
     overrides = {"activation.observer": "minmax", "attention.observer": "minmax"}
-    plain = QVit(outlier_vit(), load_recipe("trt_int8", overrides))
+    plain = QVit(outlier_vit(), load_recipe("trt_int8", {**overrides, "reparam": None}))
     reparam = QVit(outlier_vit(), load_recipe("trt_int8", {**overrides, "reparam": {"alpha": 0.5}}))
     batches = [(x, None, 0) for x in images()]
     for qvit in (plain, reparam):
@@ -132,7 +135,7 @@ def test_calibration_needs_the_reparameterization_pass_first():
         with qvit.reparameterizing():
             pass
     with pytest.raises(RuntimeError, match="no reparam section"):
-        with QVit(outlier_vit(), load_recipe("trt_int8")).reparameterizing():
+        with QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": None})).reparameterizing():
             pass
 
 
@@ -174,3 +177,20 @@ def test_bad_reparam_values_are_refused(value, message):
 def test_reparam_needs_quantized_activations():
     with pytest.raises(ConfigError, match="reparam needs the activation kind quantized"):
         load_recipe("trt_int8", {"reparam": {"alpha": 0.5}, "activation": None})
+
+
+def test_export_graph_is_the_same_with_and_without_reparameterization(tmp_path):
+    """The factors live in the weights: the deployed graph has the same operators and Q/DQ pairs."""
+    onnx = pytest.importorskip("onnx")
+    from collections import Counter
+
+    from utils.onnx_export import export_onnx, simplify
+
+    ops = {}
+    for name, reparam in (("plain", None), ("reparam", {"alpha": 1.0})):
+        qvit = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": reparam}))
+        calibrate(qvit, [(x, None, 0) for x in images()], CPU, progress=False)
+        export_onnx(qvit, tmp_path / f"{name}.raw.onnx", (32, 32))
+        simplify(tmp_path / f"{name}.raw.onnx", tmp_path / f"{name}.onnx")  # as convert_tensorrt.py deploys it
+        ops[name] = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    assert ops["plain"] == ops["reparam"] and ops["plain"]["QuantizeLinear"] > 0
