@@ -13,21 +13,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunDir", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
