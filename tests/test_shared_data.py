@@ -58,3 +58,24 @@ def test_fqvit_recipe_keeps_real_deit_tiny_predictions(deit_tiny):
     assert any(name.endswith("attn.softmax.output") for name in worst), worst
     assert any(name.endswith("norm2.input") or name == "norm.input" for name in worst), worst
     assert profile.totals["logit_cosine"] == pytest.approx(result.logit_cosine, abs=0.02)
+
+
+def test_layernorm_reparameterization_helps_real_deit_tiny():
+    """trt_int8 with and without its reparam on the same real images: FP32 unchanged, INT8 closer to it."""
+    calib = calibration_subset(scan_split(SHARED_DATA / "train"), 128, seed=0)
+    val = scan_split(SHARED_DATA / "val")[::5]
+    device = torch.device("cpu")
+    results, fp32 = {}, {}
+    for name, reparam in (("plain", None), ("reparam", {"alpha": 1.0})):
+        model = create_model("deit_tiny_patch16_224", pretrained=False)
+        load_checkpoint(model, SHARED_WEIGHTS, "deit_tiny_patch16_224")
+        transform = create_transform(**resolve_data_config(model=model))
+        qvit = QVit(model, load_recipe("trt_int8", {"reparam": reparam})).eval()
+        calibrate(qvit, make_loader(calib, transform, 32, 2), device, progress=False)
+        results[name] = evaluate(qvit, make_loader(val, transform, 32, 2), device, progress=False)
+        x = next(iter(make_loader(val[:8], transform, 8, 0)))[0]
+        with torch.no_grad(), qvit.fp32():
+            fp32[name] = qvit(x)
+    torch.testing.assert_close(fp32["reparam"], fp32["plain"], rtol=0, atol=1e-4)
+    assert (results["reparam"].fp32_top5 == results["plain"].fp32_top5).all()
+    assert results["reparam"].logit_cosine > results["plain"].logit_cosine + 0.002, {k: r.logit_cosine for k, r in results.items()}
