@@ -25,6 +25,12 @@ A recipe with ``reparam`` first folds per-channel factors into each LayerNorm an
         for images in loader:
             qvit(images)
     with qvit.calibrating(): ...
+
+Exact and distributed calibration (``torchrun``, each process on its own batches): a first pass
+``with qvit.observing_ranges()`` records every histogram's range, all-reduced at its end, so the
+``calibrating()`` pass after it counts into fixed bins and its statistics are all-reduced before the
+scales are computed - equal to one process calibrating on all the batches. ``utils.engine.calibrate``
+runs every pass the recipe needs.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.observers import all_reduce_, distributed
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantRecipe
@@ -69,6 +76,7 @@ class QVit(nn.Module):
         self.state = QuantState(QuantMode.QUANT)
         self.model = model
         self.reparam_factors: ReparamFactors = {}  # folded into the weights; saved with the calibrated state
+        self._ranges_fixed = False  # observing_ranges() ran: the next calibrating() keeps its histogram bins
         self._convert()
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
@@ -121,6 +129,8 @@ class QVit(nn.Module):
             yield self
         if any(not r for r in ranges.values()):
             raise RuntimeError("reparameterizing() saw no images")
+        for lo, hi in ranges.values():  # every process folds the same factors
+            all_reduce_(lo, "min"), all_reduce_(hi, "max")
         self.apply_reparam(compute_factors(self.model, ranges, self.recipe.reparam))
 
     @torch.no_grad()
@@ -131,13 +141,38 @@ class QVit(nn.Module):
         apply_factors(self.model, factors)
         self.reparam_factors = {name: (shift.detach().cpu(), scale.detach().cpu()) for name, (shift, scale) in factors.items()}
 
+    @property
+    def needs_range_pass(self) -> bool:
+        """Whether some point keeps a histogram, which a first :meth:`observing_ranges` pass makes exact."""
+        return any(q.needs_range for q in self.quantizers().values())
+
     @contextlib.contextmanager
-    def calibrating(self) -> Iterator["QVit"]:
-        """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point."""
-        if self.recipe.reparam is not None and not self.reparam_factors:
-            raise RuntimeError(f"recipe {self.recipe.name} reparameterizes the LayerNorm outputs: run the images through reparameterizing() first")
+    def observing_ranges(self) -> Iterator["QVit"]:
+        """First calibration pass (FP32): record every histogram's range; on a clean exit fix the bins,
+        all-reduced across processes, for the :meth:`calibrating` pass that must follow on the same images."""
         for quantizer in self.quantizers().values():
             quantizer.reset_observer()
+        with self._mode(QuantMode.RANGE):
+            yield self
+        for quantizer in self.quantizers().values():
+            quantizer.fix_range()
+        self._ranges_fixed = True
+
+    @contextlib.contextmanager
+    def calibrating(self) -> Iterator["QVit"]:
+        """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point.
+
+        Alone, histograms grow their range as the data comes (re-binning); after :meth:`observing_ranges`
+        they count into its fixed bins, which distributed calibration requires.
+        """
+        if self.recipe.reparam is not None and not self.reparam_factors:
+            raise RuntimeError(f"recipe {self.recipe.name} reparameterizes the LayerNorm outputs: run the images through reparameterizing() first")
+        ranges_fixed, self._ranges_fixed = self._ranges_fixed, False
+        if distributed() and self.needs_range_pass and not ranges_fixed:
+            raise RuntimeError("distributed calibration needs a first observing_ranges() pass over the same images")
+        if not ranges_fixed:
+            for quantizer in self.quantizers().values():
+                quantizer.reset_observer()
         with self._mode(QuantMode.CALIBRATE):
             yield self
         self.finalize_calibration()

@@ -40,17 +40,24 @@ class CalibrationResult:
 def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True) -> CalibrationResult:
     """Run every batch through the model in calibration mode, then fix all scales.
 
-    A recipe with ``reparam`` takes one FP32 pass over the same batches first (``batches`` is iterated twice).
+    Up to three passes over ``batches`` (so it must be re-iterable): the recipe's ``reparam`` folding,
+    the histograms' range pass (exact bins, and what ``torchrun`` needs to combine processes), then
+    calibration proper. Under ``torchrun`` each process passes its own share of the batches.
     """
     start = time.perf_counter()
+    first_passes = []
     if qvit.recipe.reparam is not None and not qvit.reparam_factors:
+        first_passes.append(("reparameterize", qvit.reparameterizing))
+    if qvit.needs_range_pass:
+        first_passes.append(("ranges", qvit.observing_ranges))
+    for name, context in first_passes:
         seen = 0
-        with qvit.reparameterizing():
-            for x, _, _ in tqdm(batches, desc="reparameterize", unit="batch", disable=not progress, leave=False):
+        with context():
+            for x, _, _ in tqdm(batches, desc=name, unit="batch", disable=not progress, leave=False):
                 if x is not None:
                     qvit(x.to(device, non_blocking=True))
                     seen += len(x)
-            if seen == 0:  # leaves the context with an error, so nothing is folded
+            if seen == 0:  # leaves the context with an error, so nothing is folded or fixed
                 raise UserError("no readable calibration image")
     images = unreadable = 0
     with qvit.calibrating():

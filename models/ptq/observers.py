@@ -11,6 +11,12 @@ Every observer has the same small API - ``update(x)``, ``compute_range()``, ``co
 
 Percentile, KL and OMSE share one :class:`StreamingHistogram`, accumulated over all calibration
 batches, so none of them looks only at the last batch and memory does not grow with the data.
+
+Exact and distributed calibration (``torchrun``): an optional first pass over the images records only
+each histogram's range (``observe_range``; ``fix_range`` all-reduces it across processes), so the
+second pass counts into fixed bins - no re-binning, and every process bins alike. ``synchronize`` then
+all-reduces the statistics (min/max, histogram counts: sums of integers, exact in float64), so the
+calibrated parameters equal a single process's on the same batches.
 :class:`PowerOfTwoFactor` picks FQ-ViT's per-channel power-of-two factors (Sec. 3.2) the same way.
 """
 from __future__ import annotations
@@ -33,8 +39,23 @@ __all__ = [
     "PowerOfTwoFactor",
     "OBSERVERS",
     "build_observer",
+    "all_reduce_",
     "channel_view",
+    "distributed",
 ]
+
+
+def distributed() -> bool:
+    """True inside a torch.distributed process group of more than one process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def all_reduce_(t: Tensor, op: str) -> Tensor:
+    """In-place all-reduce (``"min"``, ``"max"`` or ``"sum"``) across the process group; a no-op in one process."""
+    if distributed():
+        torch.distributed.all_reduce(t, op={"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX,
+                                            "sum": torch.distributed.ReduceOp.SUM}[op])  # fmt: skip
+    return t
 
 
 def channel_view(x: Tensor, channel_axis: int | None) -> Tensor:
@@ -83,6 +104,20 @@ class Observer:
     def update(self, x: Tensor) -> None:
         raise NotImplementedError
 
+    @property
+    def needs_range(self) -> bool:
+        """Whether a first pass of :meth:`observe_range` makes the statistics exact (histograms)."""
+        return False
+
+    def observe_range(self, x: Tensor) -> None:
+        """First pass of exact calibration: record the range the statistics will cover."""
+
+    def fix_range(self) -> None:
+        """End of the first pass: fix that range (the same in every process)."""
+
+    def synchronize(self) -> None:
+        """Combine the statistics of every process (before :meth:`compute_qparams`)."""
+
     def compute_range(self) -> tuple[Tensor, Tensor]:
         """Clipping range (lo, hi): 0-dim per tensor, shape (C,) per channel."""
         raise NotImplementedError
@@ -109,6 +144,10 @@ class MinMaxObserver(Observer):
             torch.minimum(self.min_val, lo, out=self.min_val)
             torch.maximum(self.max_val, hi, out=self.max_val)
 
+    def synchronize(self) -> None:
+        all_reduce_(self.min_val, "min")
+        all_reduce_(self.max_val, "max")
+
     def compute_range(self) -> tuple[Tensor, Tensor]:
         if self.min_val is None:
             raise RuntimeError("observer has no data")
@@ -130,21 +169,56 @@ class StreamingHistogram:
         self.counts: Tensor | None = None  # (C, bins), float64
         self.lo: Tensor | None = None  # (C,)
         self.hi: Tensor | None = None  # (C,)
+        self.updates = 0  # batches counted
+        self.fixed = False  # range fixed by a first pass: no re-binning
+        self._seen: list[Tensor] = []  # [lo, hi] of the first pass
 
     @property
     def width(self) -> Tensor:
         return (self.hi - self.lo) / self.bins
 
+    def _batch_range(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The range this histogram needs for the columns of ``v``: [0, max|x|] or [min(x, 0), max(x, 0)]."""
+        lo, hi = _column_aminmax(v)
+        if self.absolute:
+            return torch.zeros_like(lo), torch.maximum(-lo, hi)
+        return lo.clamp(max=0.0), hi.clamp(min=0.0)
+
+    def observe_range(self, v: Tensor) -> None:
+        """First pass: only widen the recorded range to the columns of ``v``."""
+        lo, hi = self._batch_range(v.detach().float())
+        if self._seen:
+            torch.minimum(self._seen[0], lo, out=self._seen[0])
+            torch.maximum(self._seen[1], hi, out=self._seen[1])
+        else:
+            self._seen = [lo, hi]
+
+    def fix_range(self) -> None:
+        """Fix the bins to the first pass's range, all-reduced over the processes; counts start at zero."""
+        if not self._seen:
+            return
+        lo, hi = all_reduce_(self._seen[0], "min"), all_reduce_(self._seen[1], "max")
+        self.lo, self.hi = lo, torch.maximum(hi, lo + 1e-12)  # a constant channel still needs a positive width
+        self.counts = torch.zeros(lo.shape[0], self.bins, dtype=torch.float64, device=lo.device)
+        self.updates, self.fixed, self._seen = 0, True, []
+
+    def synchronize(self) -> None:
+        """Sum the counts of every process: needs bins fixed alike everywhere (:meth:`fix_range`)."""
+        if distributed():
+            if not self.fixed:
+                raise RuntimeError("distributed calibration needs fixed histogram ranges: run QVit.observing_ranges() first")
+            all_reduce_(self.counts, "sum")
+
     def update(self, v: Tensor) -> None:
         """Add the columns of ``v`` (values, channels) to the per-channel histograms."""
         v = v.detach().float()
+        self.updates += 1
+        if self.fixed:  # no range check, so no host synchronisation
+            self._accumulate(v.abs() if self.absolute else v)
+            return
+        lo, hi = self._batch_range(v)
         if self.absolute:
             v = v.abs()  # a fresh tensor, binned in place below
-            lo = torch.zeros(v.shape[1], device=v.device)
-            hi = _column_aminmax(v)[1]
-        else:
-            lo, hi = _column_aminmax(v)
-            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         if self.counts is None:
             # A constant channel still needs a positive width.
             hi = torch.maximum(hi, lo + 1e-12)
@@ -205,10 +279,23 @@ class HistogramObserver(Observer):
 
     @property
     def has_data(self) -> bool:
-        return self.hist.counts is not None
+        return self.hist.updates > 0
 
     def update(self, x: Tensor) -> None:
         self.hist.update(channel_view(x.detach(), self.channel_axis))
+
+    @property
+    def needs_range(self) -> bool:
+        return True
+
+    def observe_range(self, x: Tensor) -> None:
+        self.hist.observe_range(channel_view(x.detach(), self.channel_axis))
+
+    def fix_range(self) -> None:
+        self.hist.fix_range()
+
+    def synchronize(self) -> None:
+        self.hist.synchronize()
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         if not self.has_data:
@@ -447,6 +534,23 @@ class PowerOfTwoFactor:
     def update(self, x: Tensor) -> None:
         if not self._shares_histogram:
             self._hist.update(channel_view(x.detach(), self.channel_axis))
+
+    # Its own histogram (beside a MinMax observer) takes part in the exact / distributed passes too.
+    @property
+    def needs_range(self) -> bool:
+        return not self._shares_histogram
+
+    def observe_range(self, x: Tensor) -> None:
+        if not self._shares_histogram:
+            self._hist.observe_range(channel_view(x.detach(), self.channel_axis))
+
+    def fix_range(self) -> None:
+        if not self._shares_histogram:
+            self._hist.fix_range()
+
+    def synchronize(self) -> None:
+        if not self._shares_histogram:
+            self._hist.synchronize()
 
     def base_qparams(self) -> tuple[Tensor, Tensor]:
         """Scale and zero point of the grid that covers every channel's observed range."""

@@ -34,6 +34,7 @@ def _version(t: Tensor) -> int:
 
 class QuantMode(enum.Enum):
     FP32 = "fp32"
+    RANGE = "range"  # first pass of exact calibration: observers record ranges only
     CALIBRATE = "calibrate"
     QUANT = "quant"
 
@@ -85,6 +86,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape, device=device))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
         self._ready = False  # mirror of `calibrated` that needs no device sync
+        self._static_seen = False  # a weight's range was recorded in the range pass
         self._cache: tuple[Any, Tensor] | None = None
         # Per-tensor scale and uniform zero points as Python floats: the fast path, read back once.
         self._args_key: tuple[int, int] | None = None
@@ -124,6 +126,8 @@ class TensorQuantizer(nn.Module):
             return self.quantize(x)
         if mode is QuantMode.CALIBRATE:
             self.observe(x)
+        elif mode is QuantMode.RANGE:
+            self.observe_range(x)
         return x
 
     # -- calibration -------------------------------------------------------------------------------
@@ -132,6 +136,29 @@ class TensorQuantizer(nn.Module):
             self.observer.reset()
         if self.ptf is not None:
             self.ptf.reset()
+
+    def _statistics(self) -> list:
+        """The observer and, with PTF, the factor search: what collects calibration statistics."""
+        return [s for s in (self.observer, self.ptf) if s is not None]
+
+    @property
+    def needs_range(self) -> bool:
+        """Whether this point keeps a histogram, made exact by a first range pass (QVit.observing_ranges)."""
+        return self.enabled and any(stats.needs_range for stats in self._statistics())
+
+    @torch.no_grad()
+    def observe_range(self, x: Tensor) -> None:
+        if self.static and self._static_seen:
+            return
+        self._static_seen = self.static
+        for stats in self._statistics():
+            stats.observe_range(x.detach())
+
+    @torch.no_grad()
+    def fix_range(self) -> None:
+        for stats in self._statistics():
+            stats.fix_range()
+        self._static_seen = False  # the counting pass observes the weight again
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -149,6 +176,8 @@ class TensorQuantizer(nn.Module):
             if self.spec is not None:
                 log.warning("quantizer %s saw no calibration data; it stays uncalibrated", self.name or "?")
             return False
+        for stats in self._statistics():
+            stats.synchronize()  # combine the processes' statistics (torchrun); nothing in one process
         scale, zero_point = self.ptf.channel_qparams() if self.ptf is not None else self.observer.compute_qparams()
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))

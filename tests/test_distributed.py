@@ -1,0 +1,103 @@
+"""Data-parallel calibration and evaluation (torch.distributed, gloo, 2 CPU processes) against one process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import make_tiny_vit, tiny_images
+from models.quant_vit import QVit
+from quant_config import load_recipe
+from utils.distributed import Dist, gather_eval, shard_batches
+from utils.engine import calibrate, evaluate
+from utils.errors import UserError
+
+# Every observer and what rides on it: MinMax, PTF (its own histogram beside MinMax), the integer
+# softmax, KL, percentile, OMSE with the LayerNorm reparameterization.
+CASES = [
+    ("minmax_w8a8", {}),
+    ("fqvit_w8a8_att8", {}),
+    ("fqvit_w8a8_att4", {"activation.observer": "kl", "layernorm_input.observer": "kl"}),
+    ("fqvit_w8a8_att8", {"activation.observer": "percentile", "layernorm_input.observer": "percentile"}),
+    ("trt_int8", {}),
+]
+BATCHES = 4
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [(tiny_images(6, seed=30 + i), torch.arange(6) % 10, 0) for i in range(BATCHES)]
+
+
+def run_case(recipe: str, overrides: dict, where: Dist) -> tuple[dict[str, torch.Tensor], object]:
+    """Calibrate and evaluate a tiny ViT on this process's share of the batches."""
+    qvit = QVit(make_tiny_vit(), load_recipe(recipe, overrides or None))
+    own = shard_batches(batches(), 1, where.rank, where.world)
+    calibrate(qvit, own, torch.device("cpu"), progress=False)
+    scales = {name: q.scale.clone() for name, q in qvit.quantizers().items()}
+    result = evaluate(qvit, own, torch.device("cpu"), progress=False)
+    return scales, gather_eval(result, where)
+
+
+def worker(rank: int, world: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)  # the same kernels as the single-process reference, so the same floats
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = [run_case(recipe, overrides, Dist(rank, world)) for recipe, overrides in CASES]
+        if rank == 0:
+            torch.save(out, os.path.join(folder, "distributed.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_and_single(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = [run_case(recipe, overrides, Dist()) for recipe, overrides in CASES]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(folder / "distributed.pt", weights_only=False), single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{r}-{'-'.join(o.values()) or 'default'}" for r, o in CASES])
+def test_distributed_calibration_gives_the_single_process_scales(distributed_and_single, case):
+    distributed, single = distributed_and_single
+    scales, reference = distributed[case][0], single[case][0]
+    assert scales.keys() == reference.keys()
+    for name, expected in reference.items():
+        torch.testing.assert_close(scales[name], expected, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_distributed_evaluation_counts_every_image_once(distributed_and_single, case):
+    distributed, single = distributed_and_single
+    gathered, reference = distributed[case][1], single[case][1]
+    assert gathered.samples == reference.samples == 6 * BATCHES
+    assert sorted(gathered.labels.tolist()) == sorted(reference.labels.tolist())
+    assert gathered.fp32.to_dict() == reference.fp32.to_dict() and gathered.int8.to_dict() == reference.int8.to_dict()
+    assert gathered.agreement_top1 == reference.agreement_top1
+    assert gathered.logit_cosine == pytest.approx(reference.logit_cosine, rel=1e-12)
+
+
+def test_shards_are_whole_batches_dealt_round_robin():
+    items = list(range(10))
+    assert shard_batches(items, 3, 0, 2) == [0, 1, 2, 6, 7, 8]
+    assert shard_batches(items, 3, 1, 2) == [3, 4, 5, 9]
+    assert sorted(shard_batches(items, 3, 0, 3) + shard_batches(items, 3, 1, 3) + shard_batches(items, 3, 2, 3)) == items
+    with pytest.raises(UserError, match="10 images make 2 batch\\(es\\) of 5, fewer than the 3 processes"):
+        shard_batches(items, 5, 0, 3)
