@@ -3,6 +3,10 @@
 
     python test_qvit.py --model deit_tiny_patch16_224 --checkpoint W.pth --data /path/to/imagenet-mini
     python test_qvit.py --demo        # offline: random tiny ViT and generated images
+    torchrun --nproc-per-node 2 test_qvit.py --device cuda ...   # data parallel, one GPU per process
+
+Under torchrun every process calibrates and evaluates its own batches (statistics and results are
+combined; the scales equal a single process's), and only rank 0 prints and writes the run folder.
 
 Each run writes a new folder ``<log-dir>/<timestamp>/`` (``qvit_summary.json``, ``qvit_results.txt``
 and, with ``--save-calibrated``, ``calibrated.pt``); the last line printed is that folder's path.
@@ -19,12 +23,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from quant_config import DEFAULT_RECIPE, ConfigError, QuantRecipe, available_recipes, load_recipe, resolve_recipe_path
 from utils.errors import ArgumentParser, UserError, run_script
+
+if TYPE_CHECKING:
+    from utils.distributed import Dist
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration subset draw")
     g.add_argument("--batch-size", type=int, default=32, help="batch size for calibration and evaluation")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading worker processes")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only N images, evenly spread over the evaluation split (quick runs)")
     g = p.add_argument_group("quantization")
     g.add_argument("--config", default=None, help=f"recipe YAML path or shipped name ({', '.join(available_recipes())}; default {DEFAULT_RECIPE})")
     g.add_argument("--observer", default=None, help="observer of the activation and layernorm_input kinds: minmax, percentile, omse, kl (weights and the attention map keep the recipe's)")
@@ -61,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accumulated: quantized model vs FP32 model; isolated: also each point alone (one extra run per point)")
     g.add_argument("--hist", default="all", metavar="all|none|worst:K", help="which points get a <name>_hist.png")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK)")
+    g.add_argument("--amp", action="store_true", help="run the FP32 baseline under CUDA autocast (float16); the quantized model is unaffected")
     g.add_argument("--log-dir", default="log/qvit", help="run folders are created under this directory")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--demo", action="store_true", help="offline demo: random tiny ViT and generated images (its accuracy means nothing)")
@@ -121,6 +130,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         ("--batch-size", args.batch_size, 1),
         ("--workers", args.workers, 0),
         ("--profile-samples", args.profile_samples, 1),
+        ("--limit", args.limit if args.limit is not None else 1, 1),
     ):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
@@ -146,9 +156,19 @@ def split_dirs(args: argparse.Namespace) -> tuple[Path | None, Path]:
     return calib, val
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path | None:
     check_arguments(args)
     device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        raise UserError("--amp needs a CUDA device (autocast float16 of the FP32 baseline)")
+    from utils.distributed import process_group
+
+    with process_group(device) as (where, device):
+        return run_process(args, device, where)
+
+
+def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
+    """One process's run (the only one without torchrun); rank 0 returns the run folder, the others None."""
     # Heavy imports only once the cheap checks passed.
     from timm.data import create_transform, resolve_data_config
 
@@ -164,11 +184,16 @@ def run(args: argparse.Namespace) -> Path:
     )
     from utils.data import calibration_subset, evenly_spaced, make_loader, scan_split
     from utils.demo import make_imagenet_folder
+    from utils.distributed import check_same_everywhere, gather_calibration, gather_eval, shard_batches
     from utils.engine import calibrate, evaluate
     from utils.plots import select_histogram_points, write_point_histograms
     from utils.profiler import NoImagesError, run_profile
     from utils.report import profile_summary, results_table, versions
     from utils.run_dir import RunDir, write_json_atomic, write_text_atomic
+
+    def say(*parts, **kwargs) -> None:  # one voice: rank 0's
+        if where.main:
+            print(*parts, **kwargs)
 
     record = None
     if args.load_calibrated:
@@ -189,49 +214,63 @@ def run(args: argparse.Namespace) -> Path:
 
     with contextlib.ExitStack() as stack:
         if args.demo:
-            print("DEMO: a randomly initialised ViT on generated images; its accuracy numbers mean nothing.")
+            say("DEMO: a randomly initialised ViT on generated images; its accuracy numbers mean nothing.")
+            # Every process makes the same images from the same seed, in a folder of its own.
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qvit-demo-")))
             calib_dir = make_imagenet_folder(root / "train", DEMO_CLASSES, DEMO_CALIB_PER_CLASS, seed=args.seed)
             val_dir = make_imagenet_folder(root / "val", DEMO_CLASSES, DEMO_VAL_PER_CLASS, seed=args.seed + 1)
         else:
             calib_dir, val_dir = split_dirs(args)
         val_samples = scan_split(val_dir)
+        if args.limit is not None and args.limit < len(val_samples):
+            val_samples = evenly_spaced(val_samples, args.limit)
         calib_samples = None if record else scan_split(calib_dir)
 
         weights = "checkpoint" if args.checkpoint else ("random init (demo)" if args.demo else "timm pretrained")
-        print(f"Model {model_name} ({weights}), recipe {recipe.name}, device {device}")
+        processes = f", {where.world} processes" if where.active else ""
+        say(f"Model {model_name} ({weights}), recipe {recipe.name}, device {device}{processes}")
+        if args.demo:
+            import torch
+
+            torch.manual_seed(args.seed)  # the same random weights in every run and every process
         model = create_model(model_name, pretrained=not args.checkpoint and not args.demo)
         checkpoint_sha = load_checkpoint(model, args.checkpoint, model_name) if args.checkpoint else None
         fingerprint = weights_sha256(model)
+        check_same_everywhere(fingerprint, "weights", where)
         transform = create_transform(**resolve_data_config(model=model))
         try:
             qvit = QVit(model, recipe).to(device).eval()
         except UnsupportedModelError as exc:
             raise UserError(f"{model_name}: {exc}") from None
         loader_args = dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-        progress = not args.no_progress
+        progress = not args.no_progress and where.main
 
-        with RunDir(args.log_dir) as run_dir:
+        def share(samples: list) -> list:  # this process's whole batches
+            return shard_batches(samples, args.batch_size, where.rank, where.world) if where.active else samples
+
+        with RunDir(args.log_dir) if where.main else contextlib.nullcontext() as run_dir:
             calib_unreadable, calib_images, calib_seconds = 0, 0, 0.0
             if record is not None:
                 load_calibrated(qvit, record, args.load_calibrated, fingerprint)
-                print(f"Loaded calibrated quantizers from {args.load_calibrated}")
+                say(f"Loaded calibrated quantizers from {args.load_calibrated}")
             else:
                 if args.calib_size > len(calib_samples):
-                    print(f"note: --calib-size {args.calib_size} exceeds the {len(calib_samples)} images in {calib_dir}; using all of them")
+                    say(f"note: --calib-size {args.calib_size} exceeds the {len(calib_samples)} images in {calib_dir}; using all of them")
                 subset = calibration_subset(calib_samples, args.calib_size, args.seed)
-                print(f"Calibrating on {len(subset)} images from {calib_dir}")
-                cal = calibrate(qvit, make_loader(subset, **loader_args), device, progress)
+                say(f"Calibrating on {len(subset)} images from {calib_dir}")
+                cal = gather_calibration(calibrate(qvit, make_loader(share(subset), **loader_args), device, progress), where)
                 calib_unreadable, calib_images, calib_seconds = cal.unreadable, cal.images, cal.seconds
-                if cal.unreadable:
-                    print(f"note: skipped {cal.unreadable} unreadable calibration image(s)")
+                if calib_unreadable:
+                    say(f"note: skipped {calib_unreadable} unreadable calibration image(s)")
                 if cal.uncalibrated:
-                    print(f"note: {len(cal.uncalibrated)} quantization point(s) saw no data and stay uncalibrated")
-                if args.save_calibrated is not None:
+                    say(f"note: {len(cal.uncalibrated)} quantization point(s) saw no data and stay uncalibrated")
+                if args.save_calibrated is not None and where.main:
                     save_calibrated(qvit, run_dir.path / "calibrated.pt", model_name, fingerprint, checkpoint_sha)
 
-            print(f"Evaluating FP32 and INT8 on {len(val_samples)} images from {val_dir}")
-            ev = evaluate(qvit, make_loader(val_samples, **loader_args), device, progress)
+            say(f"Evaluating FP32 and INT8 on {len(val_samples)} images from {val_dir}")
+            ev = gather_eval(evaluate(qvit, make_loader(share(val_samples), **loader_args), device, progress, amp=args.amp), where)
+            if not where.main:
+                return None
             if ev is None:
                 raise UserError(f"{val_dir}: no readable evaluation image")
             if ev.unreadable:
@@ -265,6 +304,8 @@ def run(args: argparse.Namespace) -> Path:
                 "logit_cosine_mean": ev.logit_cosine,
                 "timings_s": {"calibration": calib_seconds, "eval_fp32": ev.seconds_fp32, "eval_int8": ev.seconds_int8},
                 "device": str(device),
+                "processes": where.world,
+                "amp_fp32": bool(args.amp),
                 "batch_size": args.batch_size,
                 "demo": bool(args.demo),
                 "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

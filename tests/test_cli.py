@@ -159,6 +159,33 @@ def test_demo_runs_offline(tmp_path):
     assert summary["demo"] is True and summary["int8"]["samples"] == 200 and summary["calib_samples"] == 100
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """Data parallel on the CPU (gloo): the same scales and metrics as one process, one run folder, one voice."""
+    common = ["--demo", "--no-progress", "--workers", 0, "--no-profile", "--batch-size", 16, "--limit", 64, "--save-calibrated"]
+    single = run_cli(*common, "--log-dir", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "test_qvit.py"), *map(str, common), "--log-dir", str(tmp_path / "two")]  # fmt: skip
+    double = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert double.returncode == 0, double.stderr
+    runs = list((tmp_path / "two").iterdir())
+    assert len(runs) == 1 and double.stdout.strip().splitlines()[-1] == str(runs[0])
+    assert double.stdout.count("Evaluating FP32 and INT8 on 64 images") == 1  # rank 1 prints nothing
+    one = json.loads((Path(single.stdout.strip().splitlines()[-1]) / "qvit_summary.json").read_text())
+    two = json.loads((runs[0] / "qvit_summary.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["calib_samples"] == one["calib_samples"] == 100 and two["int8"]["samples"] == one["int8"]["samples"] == 64
+    for key in ("fp32", "int8", "agreement_top1"):
+        assert two[key] == one[key], key
+    assert two["logit_cosine_mean"] == pytest.approx(one["logit_cosine_mean"], rel=1e-9)
+    scales_one = torch.load(Path(single.stdout.strip().splitlines()[-1]) / "calibrated.pt", weights_only=True)["quantizers"]
+    scales_two = torch.load(runs[0] / "calibrated.pt", weights_only=True)["quantizers"]
+    assert scales_one.keys() == scales_two.keys()
+    for key, value in scales_one.items():
+        torch.testing.assert_close(scales_two[key], value, rtol=1e-6, atol=0, msg=key)
+
+
 @pytest.mark.parametrize(
     "make_args,pattern",
     [
@@ -172,6 +199,8 @@ def test_demo_runs_offline(tmp_path):
         (lambda d, t: ["--data", d, "--model", "vit_base_patch16_2244"], "unknown model 'vit_base_patch16_2244'; did you mean"),
         (lambda d, t: ["--data", d, "--checkpoint", t / "none.pth"], "none.pth: no such file"),
         (lambda d, t: ["--data", d, "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
+        (lambda d, t: ["--data", d, "--limit", 0], "--limit must be at least 1"),
+        (lambda d, t: ["--data", d, "--device", "cpu", "--amp"], "--amp needs a CUDA device"),
         (lambda d, t: ["--demo", "--data", d], "--demo makes its own model"),
         (lambda d, t: ["--data", d, "--load-calibrated", t / "x.pt", "--observer", "kl"], "uses the recipe stored in the file"),
         (lambda d, t: ["--data", d, "--hist", "worst:0"], "--hist 'worst:0': expected all, none or worst:K"),

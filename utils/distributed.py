@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from utils.errors import UserError
 
-__all__ = ["Dist", "gather_eval", "process_group", "shard_batches"]
+__all__ = ["Dist", "check_same_everywhere", "gather_calibration", "gather_eval", "process_group", "shard_batches"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,31 @@ def shard_batches(items: Sequence[T], batch_size: int, rank: int, world: int) ->
     if len(batches) < world:
         raise UserError(f"{len(items)} images make {len(batches)} batch(es) of {batch_size}, fewer than the {world} processes")
     return [item for batch in batches[rank::world] for item in batch]
+
+
+def check_same_everywhere(value: str, what: str, where: Dist) -> None:
+    """Refuse to go on when the processes disagree on ``value`` (e.g. the fingerprint of their weights)."""
+    if not where.active:
+        return
+    values = [None] * where.world
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise UserError(f"the {where.world} torchrun processes have different {what}; give every process the same inputs")
+
+
+def gather_calibration(result, where: Dist):
+    """Every process gets the :class:`~utils.engine.CalibrationResult` of all: images and unreadable files
+    summed, the slowest process's seconds (the scales themselves are already combined by the observers)."""
+    if not where.active:
+        return result
+    parts = [None] * where.world
+    dist.all_gather_object(parts, result)
+    return dataclasses.replace(
+        result,
+        images=sum(p.images for p in parts),
+        unreadable=sum(p.unreadable for p in parts),
+        seconds=max(p.seconds for p in parts),
+    )
 
 
 def gather_eval(result, where: Dist):

@@ -24,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_script(action: Callable[[], object], user_errors: tuple[type[Exception], ...] = (UserError,)) -> int:
-    """A script's body: ``action``'s result printed as the last line (exit 0); bad input one line (exit 2)."""
+    """A script's body: ``action``'s result (unless None) printed as the last line (exit 0); bad input one line (exit 2)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     try:
@@ -35,5 +35,6 @@ def run_script(action: Callable[[], object], user_errors: tuple[type[Exception],
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(result)
+    if result is not None:  # None: nothing to report (a torchrun process other than rank 0)
+        print(result)
     return 0
