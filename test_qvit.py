@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> Path | None:
 def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
     """One process's run (the only one without torchrun); rank 0 returns the run folder, the others None."""
     # Heavy imports only once the cheap checks passed.
+    import torch
     from timm.data import create_transform, resolve_data_config
 
     from models.quant_vit import QVit, UnsupportedModelError
@@ -230,8 +231,6 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
         processes = f", {where.world} processes" if where.active else ""
         say(f"Model {model_name} ({weights}), recipe {recipe.name}, device {device}{processes}")
         if args.demo:
-            import torch
-
             torch.manual_seed(args.seed)  # the same random weights in every run and every process
         model = create_model(model_name, pretrained=not args.checkpoint and not args.demo)
         checkpoint_sha = load_checkpoint(model, args.checkpoint, model_name) if args.checkpoint else None

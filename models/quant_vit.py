@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
-from models.ptq.observers import all_reduce_, distributed
+from models.ptq.observers import distributed
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantRecipe
@@ -125,12 +125,13 @@ class QVit(nn.Module):
             raise RuntimeError(f"recipe {self.recipe.name} has no reparam section")
         if self.reparam_factors:
             raise RuntimeError("the model is already reparameterized")
-        with self._mode(QuantMode.FP32), observe_layernorm_outputs(self.model) as ranges:
+        with self._mode(QuantMode.FP32), observe_layernorm_outputs(self.model) as observers:
             yield self
-        if any(not r for r in ranges.values()):
+        if not all(observer.has_data for observer in observers.values()):
             raise RuntimeError("reparameterizing() saw no images")
-        for lo, hi in ranges.values():  # every process folds the same factors
-            all_reduce_(lo, "min"), all_reduce_(hi, "max")
+        for observer in observers.values():
+            observer.synchronize()  # every process folds the same factors
+        ranges = {name: observer.compute_range() for name, observer in observers.items()}
         self.apply_reparam(compute_factors(self.model, ranges, self.recipe.reparam))
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ def ranges(qvit: QVit) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     with torch.no_grad(), qvit.fp32(), observe_layernorm_outputs(qvit.model) as seen:
         for x in images():
             qvit(x)
-    return {name: (lo, hi) for name, (lo, hi) in seen.items()}
+    return {name: observer.compute_range() for name, observer in seen.items()}
 
 
 @pytest.mark.parametrize("alpha,shift", [(0.0, True), (0.5, True), (1.0, True), (0.7, False)])

@@ -75,13 +75,16 @@ def shard_batches(items: Sequence[T], batch_size: int, rank: int, world: int) ->
     return [item for batch in batches[rank::world] for item in batch]
 
 
+def _gather(obj: T, where: Dist) -> list[T]:
+    """``obj`` of every process, in rank order, on every process."""
+    parts: list = [None] * where.world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def check_same_everywhere(value: str, what: str, where: Dist) -> None:
     """Refuse to go on when the processes disagree on ``value`` (e.g. the fingerprint of their weights)."""
-    if not where.active:
-        return
-    values = [None] * where.world
-    dist.all_gather_object(values, value)
-    if len(set(values)) > 1:
+    if where.active and len(set(_gather(value, where))) > 1:
         raise UserError(f"the {where.world} torchrun processes have different {what}; give every process the same inputs")
 
 
@@ -90,8 +93,7 @@ def gather_calibration(result, where: Dist):
     summed, the slowest process's seconds (the scales themselves are already combined by the observers)."""
     if not where.active:
         return result
-    parts = [None] * where.world
-    dist.all_gather_object(parts, result)
+    parts = _gather(result, where)
     return dataclasses.replace(
         result,
         images=sum(p.images for p in parts),
@@ -104,25 +106,21 @@ def gather_eval(result, where: Dist):
     """Rank 0 gets every process's :class:`~utils.engine.EvalResult` combined (others get None).
 
     Arrays are concatenated and sums added; timings are the slowest process's (they ran in parallel).
-    A process with no readable image contributes only its unreadable count.
+    A process whose evaluation found no readable image (None) contributes nothing.
     """
     if not where.active:
         return result
-    parts = [None] * where.world
-    dist.all_gather_object(parts, result)
-    if not where.main:
+    parts = _gather(result, where)
+    present = [p for p in parts if p is not None]
+    if not where.main or not present:
         return None
-    present = [p for p in parts if p is not None and p.samples]
-    if not present:
-        return None
-    first = present[0]
     return dataclasses.replace(
-        first,
+        present[0],
         labels=np.concatenate([p.labels for p in present]),
         fp32_top5=np.concatenate([p.fp32_top5 for p in present]),
         int8_top5=np.concatenate([p.int8_top5 for p in present]),
         cosine_sum=sum(p.cosine_sum for p in present),
-        unreadable=sum(p.unreadable for p in parts if p is not None),
+        unreadable=sum(p.unreadable for p in present),
         seconds_fp32=max(p.seconds_fp32 for p in present),
         seconds_int8=max(p.seconds_int8 for p in present),
     )

@@ -29,8 +29,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from models.ptq.observers import channel_view
-from quant_config import ReparamSpec
+from models.ptq.observers import MinMaxObserver
+from models.ptq.quantizers import UniformQuantizer
+from quant_config import QuantizerSpec, ReparamSpec
 
 __all__ = ["ReparamFactors", "apply_factors", "compute_factors", "layernorm_linear_pairs", "observe_layernorm_outputs"]
 
@@ -51,38 +52,25 @@ def layernorm_linear_pairs(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, nn
 
 
 @contextlib.contextmanager
-def observe_layernorm_outputs(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
-    """Within: every forward records the per-channel [min, max] of each LayerNorm output (the Linear's input).
+def observe_layernorm_outputs(model: nn.Module) -> Iterator[dict[str, MinMaxObserver]]:
+    """Within: every forward feeds each LayerNorm output (the Linear's input) to a per-channel MinMax observer.
 
-    Yields ``{layernorm path: [lo, hi]}``, filled as batches run (empty lists until the first one).
+    Yields ``{layernorm path: observer}``; ``observer.compute_range()`` gives the channels' [lo, hi].
     """
-    ranges: dict[str, list[Tensor]] = {}
-    handles = []
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            lo, hi = torch.aminmax(channel_view(args[0].detach(), -1).float(), dim=0)
-            seen = ranges[name]
-            if seen:
-                torch.minimum(seen[0], lo, out=seen[0])
-                torch.maximum(seen[1], hi, out=seen[1])
-            else:
-                seen.extend((lo, hi))
-
-        return record
-
-    for name, (_, linear) in layernorm_linear_pairs(model).items():
-        ranges[name] = []
-        handles.append(linear.register_forward_pre_hook(hook(name)))
+    observers = {name: MinMaxObserver(QuantizerSpec(), UniformQuantizer(), channel_axis=-1) for name in layernorm_linear_pairs(model)}
+    handles = [
+        linear.register_forward_pre_hook(lambda module, args, observer=observers[name]: observer.update(args[0]))
+        for name, (_, linear) in layernorm_linear_pairs(model).items()
+    ]
     try:
-        yield ranges
+        yield observers
     finally:
         for h in handles:
             h.remove()
 
 
 @torch.no_grad()
-def compute_factors(model: nn.Module, ranges: dict[str, list[Tensor]], spec: ReparamSpec) -> ReparamFactors:
+def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], spec: ReparamSpec) -> ReparamFactors:
     """The shift and scale of every LayerNorm channel from its observed range (see the module docstring)."""
     pairs = layernorm_linear_pairs(model)
     factors: ReparamFactors = {}

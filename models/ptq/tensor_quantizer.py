@@ -132,6 +132,7 @@ class TensorQuantizer(nn.Module):
 
     # -- calibration -------------------------------------------------------------------------------
     def reset_observer(self) -> None:
+        self._static_seen = False
         if self.observer is not None:
             self.observer.reset()
         if self.ptf is not None:
