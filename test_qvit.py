@@ -301,7 +301,14 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
                 "int8": ev.int8.to_dict(),
                 "agreement_top1": ev.agreement_top1,
                 "logit_cosine_mean": ev.logit_cosine,
-                "timings_s": {"calibration": calib_seconds, "eval_fp32": ev.seconds_fp32, "eval_int8": ev.seconds_int8},
+                "timings_s": {
+                    "calibration": calib_seconds,
+                    "eval_fp32": ev.seconds_fp32,
+                    "eval_int8": ev.seconds_int8,
+                    "eval_wall": ev.seconds_wall,
+                },
+                "eval_images_per_s": ev.samples / ev.seconds_wall,
+                "peak_memory_mb": peak_memory_mb(device),
                 "device": str(device),
                 "processes": where.world,
                 "amp_fp32": bool(args.amp),
@@ -335,6 +342,20 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
         os.replace(tmp, target)
         print(f"Saved calibrated quantizers to {target}")
     return run_dir.final
+
+
+def peak_memory_mb(device: "torch.device") -> dict[str, float | None]:
+    """This process's peak resident memory, its data loader workers' (the largest one), and the GPU's peak allocation."""
+    import resource
+
+    import torch
+
+    kib = 1024.0  # Linux reports ru_maxrss in KiB
+    return {
+        "host_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+        "host_loader_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+        "device": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,17 @@ requires_shared = pytest.mark.skipif(
 )
 
 
+# Every observer and what rides on it: MinMax, PTF (its own histogram beside MinMax), the integer
+# softmax, KL, percentile, OMSE with the LayerNorm reparameterization.
+OBSERVER_CASES = [
+    ("minmax_w8a8", {}),
+    ("fqvit_w8a8_att8", {}),
+    ("fqvit_w8a8_att4", {"activation.observer": "kl", "layernorm_input.observer": "kl"}),
+    ("fqvit_w8a8_att8", {"activation.observer": "percentile", "layernorm_input.observer": "percentile"}),
+    ("trt_int8", {}),
+]
+
+
 def make_tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:
     """A 2-block ViT on 32x32 images.
 

@@ -103,8 +103,13 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
         assert m["samples"] == 12 and 0 <= m["top1"] <= m["top5"] <= 100
         assert all(0 <= m[k] <= 1 for k in ("precision", "recall", "f1"))
     assert 0 <= summary["agreement_top1"] <= 1
-    assert set(summary["timings_s"]) == {"calibration", "eval_fp32", "eval_int8"}
+    assert set(summary["timings_s"]) == {"calibration", "eval_fp32", "eval_int8", "eval_wall"}
     assert all(t > 0 for t in summary["timings_s"].values())
+    timings = summary["timings_s"]
+    assert timings["eval_wall"] >= timings["eval_fp32"] + timings["eval_int8"]
+    assert summary["eval_images_per_s"] == pytest.approx(summary["fp32"]["samples"] / timings["eval_wall"])
+    memory = summary["peak_memory_mb"]
+    assert 50 < memory["host_process"] < 24 * 1024 and memory["device"] is None
     assert summary["versions"]["torch"] == torch.__version__
     assert "Top-1 (%)" in (run_dir / "qvit_results.txt").read_text()
     assert (run_dir / "calibrated.pt").is_file()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import OBSERVER_CASES as CASES
 from conftest import make_tiny_vit, tiny_images
 from models.quant_vit import QVit
 from quant_config import load_recipe
@@ -16,15 +17,6 @@ from utils.distributed import Dist, gather_eval, shard_batches
 from utils.engine import calibrate, evaluate
 from utils.errors import UserError
 
-# Every observer and what rides on it: MinMax, PTF (its own histogram beside MinMax), the integer
-# softmax, KL, percentile, OMSE with the LayerNorm reparameterization.
-CASES = [
-    ("minmax_w8a8", {}),
-    ("fqvit_w8a8_att8", {}),
-    ("fqvit_w8a8_att4", {"activation.observer": "kl", "layernorm_input.observer": "kl"}),
-    ("fqvit_w8a8_att8", {"activation.observer": "percentile", "layernorm_input.observer": "percentile"}),
-    ("trt_int8", {}),
-]
 BATCHES = 4
 
 

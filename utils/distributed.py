@@ -123,4 +123,5 @@ def gather_eval(result, where: Dist):
         unreadable=sum(p.unreadable for p in present),
         seconds_fp32=max(p.seconds_fp32 for p in present),
         seconds_int8=max(p.seconds_int8 for p in present),
+        seconds_wall=max(p.seconds_wall for p in present),
     )

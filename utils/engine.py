@@ -124,6 +124,7 @@ class EvalResult:
     unreadable: int
     seconds_fp32: float
     seconds_int8: float
+    seconds_wall: float  # the whole loop: loading, both models and the bookkeeping
     fp32: ClassificationMetrics = field(init=False)
     int8: ClassificationMetrics = field(init=False)
 
@@ -156,6 +157,7 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
     cosine_sum = torch.zeros((), dtype=torch.float64, device=device)
     unreadable = 0
     timer = _Timer(device)
+    start = time.perf_counter()
     with _progress(batches, "evaluate", progress) as bar:
         for x, y, bad in batches:
             unreadable += bad
@@ -175,6 +177,8 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
             bar.update(len(x))
     if not labels:
         return None
+    _sync(device)
+    wall = time.perf_counter() - start
     return EvalResult(
         labels=torch.cat(labels).numpy(),
         fp32_top5=torch.cat(fp32_top5).cpu().numpy(),
@@ -183,4 +187,5 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
         unreadable=unreadable,
         seconds_fp32=timer.seconds("fp32"),
         seconds_int8=timer.seconds("int8"),
+        seconds_wall=wall,
     )

@@ -154,6 +154,18 @@ class MinMaxObserver(Observer):
         return _squeeze(self.min_val, self.per_channel), _squeeze(self.max_val, self.per_channel)
 
 
+def _bin_counts(idx: Tensor, size: int) -> Tensor:
+    """How often each of 0 .. size-1 occurs in ``idx`` (integers inside that range).
+
+    On a GPU, ``torch.bincount`` reads ``idx.max()`` back to size its output, which would stall every
+    calibration batch; ``torch.histc`` over ``size`` unit-wide bins gives the same counts without a
+    host round trip (float64 input: every count is exact, and so is each integer's bin).
+    """
+    if idx.is_cuda:
+        return torch.histc(idx.to(torch.float64), bins=size, min=0, max=size)
+    return torch.bincount(idx, minlength=size)
+
+
 class StreamingHistogram:
     """Per-channel histograms with a fixed number of equal bins over a range that grows with the data.
 
@@ -238,8 +250,7 @@ class StreamingHistogram:
         idx = pos.mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).to(torch.int32)
         if channels > 1:
             idx += torch.arange(channels, device=v.device, dtype=torch.int32) * self.bins
-        counts = torch.bincount(idx.reshape(-1), minlength=channels * self.bins)
-        self.counts += counts.view(channels, self.bins)
+        self.counts += _bin_counts(idx.reshape(-1), channels * self.bins).view(channels, self.bins)
 
     def _rebin(self, lo: Tensor, hi: Tensor) -> None:
         channels, bins = self.counts.shape
