@@ -10,7 +10,8 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
 ``attention``        the softmax output, i.e. the attention map (log2 for log-int-softmax, Sec. 3.3).
 
 A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
-outputs channel by channel before calibration (:mod:`models.ptq.reparam`). Recipes live as YAML files in ``configs/`` and are
+outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
+refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`). Recipes live as YAML files in ``configs/`` and are
 loaded with :func:`load_recipe`; every value is checked and a bad one raises :class:`ConfigError`
 with a one-line message naming the file and the key.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "QuantRecipe",
     "QuantizerSpec",
     "ReparamSpec",
+    "ScaleSearchSpec",
     "DEFAULT_RECIPE",
     "CONFIG_DIR",
     "available_recipes",
@@ -41,6 +43,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_RECIPE = "fqvit_w8a8_att8"
 KINDS = ("weight", "activation", "layernorm_input", "attention")
 CALIBRATION_MODES = ("layer_wise", "channel_wise")
+SEARCH_METRICS = ("fisher", "output")
 
 
 class ConfigError(ValueError):
@@ -118,8 +121,8 @@ class QuantizerSpec:
             raise ConfigError(
                 f"{where}.calibration_mode: channel_wise is meaningless for the attention map (its last axis is tokens); use layer_wise"
             )
-        if self.quantizer == "log2" and self.calibration_mode == "channel_wise":
-            raise ConfigError(f"{where}: the log2 quantizer has one power-of-two scale per tensor; use calibration_mode: layer_wise")
+        if self.quantizer in ("log2", "log_sqrt2") and self.calibration_mode == "channel_wise":
+            raise ConfigError(f"{where}: the {self.quantizer} quantizer has one scale per tensor; use calibration_mode: layer_wise")
         if self.power_of_two_factor:
             if kind != "layernorm_input":
                 raise ConfigError(f"{where}.power_of_two_factor applies only to layernorm_input (FQ-ViT PTF), not to {kind}")
@@ -150,6 +153,35 @@ class ReparamSpec:
 
 
 @dataclass(frozen=True)
+class ScaleSearchSpec:
+    """Scale search after calibration (models/ptq/scale_search.py).
+
+    Each per-tensor activation / attention-map scale ``s`` is replaced by the ``r * s`` among
+    ``candidates`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` that minimises ``metric``, summed
+    over the first ``images`` calibration images, on at most ``rows`` rows (tokens) of each batch:
+    ``output`` - the squared error of the output of the operation reading the tensor (its Linear, or
+    the attention matmul); ``fisher`` - the squared quantization error weighted by the squared
+    gradient of the loss at the tensor (diagonal Fisher; the FP32 model's own prediction as label).
+    """
+
+    metric: str = "fisher"
+    candidates: int = 24
+    min_ratio: float = 0.3
+    images: int = 256
+    rows: int = 2048
+
+    def validate(self, where: str) -> None:
+        if self.metric not in SEARCH_METRICS:
+            raise ConfigError(f"{where}.metric: unknown metric {self.metric!r}; valid: {', '.join(SEARCH_METRICS)}")
+        for key, lo, hi in (("candidates", 2, 256), ("images", 1, 10**7), ("rows", 16, 10**7)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{where}.{key} must be an integer from {lo} to {hi}, got {value!r}")
+        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or not 0.0 < self.min_ratio < 1.0:
+            raise ConfigError(f"{where}.min_ratio must be a number between 0 and 1 (exclusive), got {self.min_ratio!r}")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
 
@@ -162,6 +194,7 @@ class QuantRecipe:
     # Softmax from integer-only arithmetic on the quantized scores (I-BERT i-exp, used by FQ-ViT's LIS).
     integer_softmax: bool = False
     reparam: ReparamSpec | None = None
+    scale_search: ScaleSearchSpec | None = None
 
     def validate(self, where: str = "recipe") -> "QuantRecipe":
         if not isinstance(self.name, str) or not self.name:
@@ -180,6 +213,10 @@ class QuantRecipe:
             self.reparam.validate(f"{where}.reparam")
             if self.activation is None:
                 raise ConfigError(f"{where}: reparam needs the activation kind quantized (it reshapes the Linear inputs for it)")
+        if self.scale_search is not None:
+            self.scale_search.validate(f"{where}.scale_search")
+            if self.activation is None and self.attention is None:
+                raise ConfigError(f"{where}: scale_search needs the activation or attention kind quantized")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,11 +276,12 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
         raise ConfigError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
     data = dict(data)
     kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
-    reparam = data.pop("reparam", None)
-    if reparam is not None:
-        reparam = _build_dataclass(ReparamSpec, reparam, f"{where}.reparam")
+    sections = {}
+    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec)):
+        value = data.pop(key, None)
+        sections[key] = None if value is None else _build_dataclass(cls, value, f"{where}.{key}")
     recipe = _build_dataclass(QuantRecipe, data, where)
-    return dataclasses.replace(recipe, reparam=reparam, **kinds).validate(where)
+    return dataclasses.replace(recipe, **sections, **kinds).validate(where)
 
 
 def available_recipes() -> list[str]:

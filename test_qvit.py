@@ -299,6 +299,7 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
                 "evaluation": {"split": str(val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist())))},
                 "fp32": ev.fp32.to_dict(),
                 "int8": ev.int8.to_dict(),
+                "scale_search_ratios": qvit.searched_ratios,
                 "agreement_top1": ev.agreement_top1,
                 "logit_cosine_mean": ev.logit_cosine,
                 "timings_s": {

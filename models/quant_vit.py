@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
 from models.ptq.observers import distributed
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
+from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantRecipe
 
@@ -77,6 +78,7 @@ class QVit(nn.Module):
         self.model = model
         self.reparam_factors: ReparamFactors = {}  # folded into the weights; saved with the calibrated state
         self._ranges_fixed = False  # observing_ranges() ran: the next calibrating() keeps its histogram bins
+        self.searched_ratios: dict[str, float] = {}  # scale ratios chosen by searching_scales()
         self._convert()
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
@@ -177,6 +179,21 @@ class QVit(nn.Module):
         with self._mode(QuantMode.CALIBRATE):
             yield self
         self.finalize_calibration()
+
+    @contextlib.contextmanager
+    def searching_scales(self) -> Iterator["QVit"]:
+        """After calibration: run FP32 and score candidate scales by the error of each consumer's output
+        (the recipe's ``scale_search``); on a clean exit every searched point takes its best scale."""
+        spec = self.recipe.scale_search
+        if spec is None:
+            raise RuntimeError(f"recipe {self.recipe.name} has no scale_search section")
+        if not self.is_calibrated:
+            raise RuntimeError("searching_scales() refines calibrated scales: calibrate first")
+        with self._mode(QuantMode.FP32), search_scales(self.model, spec) as search:
+            yield self
+        self.searched_ratios = search.apply()
+        log.info("output-error scale search: %d points, mean ratio %.3f", len(self.searched_ratios),
+                 sum(self.searched_ratios.values()) / max(1, len(self.searched_ratios)))
 
     @torch.no_grad()
     def finalize_calibration(self) -> list[str]:

@@ -29,13 +29,14 @@ def test_shipped_recipes_load():
         ("activation.bit_type.bits", 1, "bits must be an integer from 2 to 16"),
         ("activation.bit_type.bits", 17, "bits must be an integer from 2 to 16"),
         ("activation.observer", "median", "unknown observer 'median'; valid: kl, minmax, omse, percentile"),
-        ("activation.quantizer", "cubic", "unknown quantizer 'cubic'; valid: log2, uniform"),
+        ("activation.quantizer", "cubic", "unknown quantizer 'cubic'; valid: log2, log_sqrt2, uniform"),
         ("activation.calibration_mode", "head_wise", "unknown mode 'head_wise'"),
         ("attention.calibration_mode", "channel_wise", "meaningless for the attention map"),
         ("activation.power_of_two_factor", True, "applies only to layernorm_input"),
         ("layernorm_input.calibration_mode", "layer_wise", "needs calibration_mode: channel_wise"),
         ("activation.percentile", 1.5, "percentile must be in"),
-        ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one power-of-two scale per tensor"),
+        ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
+        ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),
     ],
 )
 def test_invalid_values_are_refused(path, value, message):

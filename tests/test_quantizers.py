@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ptq.quantizers import Log2Quantizer, UniformQuantizer, build_quantizer
+from models.ptq.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, build_quantizer
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import BitTypeConfig, QuantizerSpec
 
@@ -78,8 +78,49 @@ def test_log2_scale_is_power_of_two_and_signed_grid_keeps_sign():
     assert method.fake_quant(x, scale, torch.zeros(()), bt).tolist() == [-2.0, 1.0, -0.5, 0.0]
 
 
+def np_log_sqrt2(x: np.ndarray, scale: float, bits: int, symmetric: bool) -> np.ndarray:
+    """Reference: nearest level s * sqrt(2)^-q in the log domain, q in 0 .. max_code, the top code is 0."""
+    max_code = 2 ** (bits - 1 if symmetric else bits) - 2
+    mag = np.abs(x) if symmetric else np.maximum(x, 0.0)
+    with np.errstate(divide="ignore"):
+        q = np.clip(np.round(-np.log(mag / scale) / np.log(np.sqrt(2.0))), 0, None)
+    out = np.where(q > max_code, 0.0, scale * np.sqrt(2.0) ** -np.minimum(q, max_code))
+    return out * np.sign(x) if symmetric else out
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, False), (6, True)])
+def test_log_sqrt2_round_trips_its_grid_and_matches_numpy(bits, symmetric):
+    bt = BitTypeConfig(bits, symmetric, "g")
+    method = LogSqrt2Quantizer()
+    scale, zp = method.qparams(torch.tensor(0.0), torch.tensor(0.8), bt)
+    assert scale.item() == pytest.approx(0.8) and zp.item() == 0.0  # the maximum itself, not a power of two
+    max_code = Log2Quantizer.max_code(bt)
+    grid = scale * torch.exp2(-torch.arange(0, max_code + 1, dtype=torch.float32) / 2)
+    assert torch.equal(method.fake_quant(grid, scale, zp, bt), grid)
+    # Twice as many levels per octave as log2: 1/sqrt(2) sits between 1 and 1/2.
+    assert len(torch.unique(method.fake_quant(torch.linspace(0.4, 0.8, 500), scale, zp, bt))) == 3
+    x = torch.randn(4000) * 0.3 if symmetric else torch.rand(4000) ** 4 * 0.8
+    below_grid = 0.8 * 2.0 ** (-(max_code + 1) / 2) / 2  # closer to 0 than to the smallest level
+    x[:3] = torch.tensor([0.0, below_grid, 0.8])
+    out = method.fake_quant(x, scale, zp, bt)
+    ref = np_log_sqrt2(x.double().numpy(), float(scale), bits, symmetric)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=0)
+    assert out[0] == 0 and out[1] == 0
+
+
+def test_log_sqrt2_attention_map_is_finer_than_log2_near_one():
+    """On a softmax output the log-sqrt(2) grid has less error than log2 with the same bits."""
+    probs = torch.randn(64, 50, 50).mul(3).softmax(-1)
+    bt = BitTypeConfig(4, False, "uint4")
+    errors = {}
+    for method in (Log2Quantizer(), LogSqrt2Quantizer()):
+        scale, zp = method.qparams(probs.min(), probs.max(), bt)
+        errors[method.name] = (method.fake_quant(probs, scale, zp, bt) - probs).square().mean().item()
+    assert errors["log_sqrt2"] < 0.7 * errors["log2"]
+
+
 def test_build_quantizer_lists_valid_names():
-    with pytest.raises(ValueError, match="log2, uniform"):
+    with pytest.raises(ValueError, match="log2, log_sqrt2, uniform"):
         build_quantizer("nope")
 
 

@@ -9,15 +9,18 @@ CUDA events read once at the end.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.ptq.observers import distributed
 from models.quant_vit import QVit
 from utils.data import Batch
 from utils.errors import UserError
@@ -74,6 +77,12 @@ class _Timer:
         return sum(spans)
 
 
+@contextlib.contextmanager
+def _gradients() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 @dataclass
 class CalibrationResult:
     images: int
@@ -86,33 +95,46 @@ class CalibrationResult:
 def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True) -> CalibrationResult:
     """Run every batch through the model in calibration mode, then fix all scales.
 
-    Up to three passes over ``batches`` (so it must be re-iterable): the recipe's ``reparam`` folding,
-    the histograms' range pass (exact bins, and what ``torchrun`` needs to combine processes), then
-    calibration proper. Under ``torchrun`` each process passes its own share of the batches.
+    Up to four passes over ``batches`` (so it must be re-iterable): the recipe's ``reparam`` folding,
+    the histograms' range pass (exact bins, and what ``torchrun`` needs to combine processes),
+    calibration proper, then the recipe's ``scale_search`` on its first ``images`` images (under
+    ``torchrun`` each process takes its share of that number). Under ``torchrun`` each process passes
+    its own share of the batches.
     """
     start = time.perf_counter()
-    passes = []
+    passes: list[tuple[str, Callable, float]] = []
     if qvit.recipe.reparam is not None and not qvit.reparam_factors:
-        passes.append(("reparameterize", qvit.reparameterizing))
+        passes.append(("reparameterize", qvit.reparameterizing, math.inf))
     if qvit.needs_range_pass:
-        passes.append(("ranges", qvit.observing_ranges))
-    passes.append(("calibrate", qvit.calibrating))
-    for name, context in passes:
+        passes.append(("ranges", qvit.observing_ranges, math.inf))
+    passes.append(("calibrate", qvit.calibrating, math.inf))
+    if qvit.recipe.scale_search is not None:
+        world = dist.get_world_size() if distributed() else 1
+        passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
+    calibrated_images = calibrated_unreadable = 0
+    for name, context, limit in passes:
         images = unreadable = 0
+        # The Fisher-weighted scale search back-propagates (to the activations only).
+        needs_grad = name == "search scales" and qvit.recipe.scale_search.metric == "fisher"
         with context(), _progress(batches, name, progress) as bar:
             for x, _, bad in batches:
+                if images >= limit:
+                    break
                 unreadable += bad
                 bar.update(bad)
                 if x is None:
                     continue
-                qvit(x.to(device, non_blocking=True))
+                with _gradients() if needs_grad else contextlib.nullcontext():
+                    qvit(x.to(device, non_blocking=True))
                 images += len(x)
                 bar.update(len(x))
             if images == 0:  # leaves the context with an error, so nothing is folded, fixed or finalized
                 raise UserError(f"no readable calibration image ({unreadable} unreadable)")
+        if name == "calibrate":
+            calibrated_images, calibrated_unreadable = images, unreadable
     uncalibrated = [name for name, q in qvit.quantizers().items() if not q.is_calibrated]
     _sync(device)
-    return CalibrationResult(images, unreadable, time.perf_counter() - start, uncalibrated)
+    return CalibrationResult(calibrated_images, calibrated_unreadable, time.perf_counter() - start, uncalibrated)
 
 
 @dataclass

@@ -107,11 +107,11 @@ class HistogramBins:
     def for_quantizer(cls, q: TensorQuantizer) -> HistogramBins:
         bt = q.spec.bit_type
         if isinstance(q.method, Log2Quantizer):
-            # Levels are the integer exponents -max_code ... 0 (rounding at half-integers); cells from
-            # two below the smallest level to one above the largest, 9 bins each.
-            max_code = Log2Quantizer.max_code(bt)
+            # Levels are the exponents -max_code * step ... 0 (log2: integers, log_sqrt2: halves), rounding
+            # half-way between; cells from two below the smallest level to one above the largest, 9 bins each.
+            max_code, step = Log2Quantizer.max_code(bt), q.method.step
             cells = max_code + 4
-            return cls(-(max_code + 2) - 0.5, 1 / 9, 9 * cells, 9, float(q.scale.max()), (-float(max_code), 0.0))
+            return cls(-(max_code + 2.5) * step, step / 9, 9 * cells, 9, float(q.scale.max()), (-max_code * step, 0.0))
         scale = q.scale.float()
         clip_lo = float(((bt.qmin - q.zero_point) * scale).min())
         clip_hi = float(((bt.qmax - q.zero_point) * scale).max())
@@ -336,8 +336,8 @@ class _Profiler:
 
         Half a step, because rounding alone errs that much: MinMax with a rounded zero point leaves the
         grid's lowest point a hair above GELU's minimum, and a plain range test called 12% of an MLP
-        input "clipped" for errors no larger than rounding's. Log2 grids: half a step in log2 (above
-        sqrt(2) * scale, or non-zero and flushed to zero).
+        input "clipped" for errors no larger than rounding's. Log grids: half a level (above
+        scale * 2^(step / 2), or non-zero and flushed to zero).
         """
         bt = q.spec.bit_type
         if q.scale.dim() == 0 and not isinstance(q.method, Log2Quantizer):
@@ -349,8 +349,9 @@ class _Profiler:
         scale = q._broadcast(q.scale, x)
         if isinstance(q.method, Log2Quantizer):
             mag = x.abs()
-            smallest = scale * 2.0 ** -(Log2Quantizer.max_code(bt) + 0.5)
-            return torch.count_nonzero(mag > scale * 2.0**0.5) + torch.count_nonzero((mag > 0) & (mag < smallest))
+            step = q.method.step
+            smallest = scale * 2.0 ** (-(Log2Quantizer.max_code(bt) + 0.5) * step)
+            return torch.count_nonzero(mag > scale * 2.0 ** (step / 2)) + torch.count_nonzero((mag > 0) & (mag < smallest))
         zp = q._broadcast(q.zero_point, x)
         return torch.count_nonzero(x < (bt.qmin - zp - 0.5) * scale) + torch.count_nonzero(x > (bt.qmax - zp + 0.5) * scale)
 

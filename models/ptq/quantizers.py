@@ -6,6 +6,11 @@
 * ``log2`` - FQ-ViT Sec. 3.3, Eq. 12: ``x_hat = s * 2^-q`` with ``q = round(-log2(|x| / s))``. The scale
   is a power of two, so dequantization is a bit shift; with ``b`` bits the codes ``0 .. 2^b - 2`` are
   exponents and the top code stands for 0 (a signed grid spends one bit on the sign).
+* ``log_sqrt2`` - RepQ-ViT (arXiv 2212.08254) Sec. 4.3: the log base sqrt(2), ``x_hat = s * 2^(-q/2)``
+  with ``q = round(-2 * log2(|x| / s))``: twice the levels of log2 near the attention map's large
+  values, where log2 leaves its largest gap (1 to 1/2). ``2^(-q/2)`` is a shift by ``floor(q/2)`` and,
+  for odd q, one multiplication by the constant 1/sqrt(2), so integer hardware still needs no table.
+  The scale is the calibrated maximum itself (it folds into the next matmul's requantization).
 
 Both work per tensor and per channel: ``scale`` / ``zero_point`` are Python floats (the fast path,
 no device synchronisation) or tensors already shaped to broadcast against ``x``.
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from quant_config import BitTypeConfig
 
-__all__ = ["QuantMethod", "UniformQuantizer", "Log2Quantizer", "QUANTIZERS", "build_quantizer", "SCALE_EPS"]
+__all__ = ["QuantMethod", "UniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "QUANTIZERS", "build_quantizer", "SCALE_EPS"]
 
 Number = float | Tensor
 
@@ -69,6 +74,7 @@ _EXPONENT_MASK = -(2**23)  # sign and exponent bits of an int32 view
 
 class Log2Quantizer(QuantMethod):
     name = "log2"
+    step = 1.0  # distance of neighbouring levels in log2 units
 
     @staticmethod
     def max_code(bit_type: BitTypeConfig) -> int:
@@ -102,7 +108,23 @@ class Log2Quantizer(QuantMethod):
         return y.mul_(scale)
 
 
-QUANTIZERS: dict[str, type[QuantMethod]] = {"uniform": UniformQuantizer, "log2": Log2Quantizer}
+class LogSqrt2Quantizer(Log2Quantizer):
+    name = "log_sqrt2"
+    step = 0.5
+
+    def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
+        scale = torch.maximum(lo.float().abs(), hi.float().abs()).clamp_min(SCALE_EPS)
+        return scale, torch.zeros_like(scale)
+
+    def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
+        magnitude = x.abs() if bit_type.symmetric else x.clamp(min=0.0)
+        code = magnitude.div_(scale).log2_().mul_(-2.0).round_().clamp_(min=0.0)  # |x| = 0 gives +inf
+        is_zero = code > self.max_code(bit_type)
+        out = code.mul_(-0.5).exp2_().masked_fill_(is_zero, 0.0).mul_(scale)
+        return out.mul_(torch.sign(x)) if bit_type.symmetric else out
+
+
+QUANTIZERS: dict[str, type[QuantMethod]] = {"uniform": UniformQuantizer, "log2": Log2Quantizer, "log_sqrt2": LogSqrt2Quantizer}
 
 
 def build_quantizer(name: str) -> QuantMethod:

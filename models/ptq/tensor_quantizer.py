@@ -188,6 +188,12 @@ class TensorQuantizer(nn.Module):
         self.reset_observer()  # the statistics are no longer needed; free them
         return True
 
+    @torch.no_grad()
+    def rescale(self, ratio: float) -> None:
+        """Multiply the calibrated scale by ``ratio``, keeping the zero point (the range becomes ``ratio * [lo, hi]``)."""
+        self.scale.mul_(ratio)
+        self._cache = self._args_key = None  # inference-mode buffers carry no version to notice the change
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.calibrated)
