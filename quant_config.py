@@ -156,7 +156,7 @@ class ReparamSpec:
 class ScaleSearchSpec:
     """Scale search after calibration (models/ptq/scale_search.py).
 
-    Each per-tensor activation / attention-map scale ``s`` is replaced by the ``r * s`` among
+    Each activation / attention-map / LayerNorm-input scale ``s`` is replaced by the ``r * s`` among
     ``candidates`` ratios ``r`` evenly spaced in ``[min_ratio, 1]`` that minimises ``metric``, summed
     over the first ``images`` calibration images, on at most ``rows`` rows (tokens) of each batch:
     ``output`` - the squared error of the output of the operation reading the tensor (its Linear, or

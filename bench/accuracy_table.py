@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Accuracy of every recipe x observer on real data: the README's accuracy table, rerunnable.
+"""Accuracy of every shipped recipe on real data: the README's accuracy tables, rerunnable.
 
     python bench/accuracy_table.py --model deit_tiny_patch16_224 \\
         --checkpoint ../shared/weights/deit_tiny_patch16_224.pth --data ../shared/data/imagenet-mini
+    python bench/accuracy_table.py ... --recipes fqvit_w8a8_att8 --observers minmax,percentile,omse,kl
+
+Each recipe runs with its own observers, or once per ``--observers`` name (``test_qvit.py --observer``).
 
 Each cell is one ordinary ``test_qvit.py`` run (its folder lands under ``--log-dir``); the script then
 prints a Markdown table of FP32 / INT8 top-1, the drop, FP32-vs-INT8 top-1 agreement, the mean logit
@@ -30,20 +33,29 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_tiny_patch16_224")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="ImageNet-layout root with train/ (calibration) and val/ (evaluation)")
+    p.add_argument("--calib-dir", help="calibration split (instead of DATA/train), e.g. bench/holdout_split.py's calib/")
+    p.add_argument("--val-dir", help="evaluation split (instead of DATA/val), e.g. bench/holdout_split.py's held/")
     p.add_argument("--recipes", default=",".join(available_recipes()))
-    p.add_argument("--observers", default=",".join(OBSERVERS))
+    p.add_argument("--observers", default="recipe",
+                   help=f"'recipe' (each recipe's own observers) or a comma list of {', '.join(OBSERVERS)} for --observer")
     p.add_argument("--calib-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--log-dir", default="log/accuracy")
     args = p.parse_args()
+    if not args.data and not (args.calib_dir and args.val_dir):
+        p.error("give --data, or both --calib-dir and --val-dir")
+    splits = [arg for name in ("data", "calib_dir", "val_dir") if getattr(args, name)
+              for arg in ("--" + name.replace("_", "-"), getattr(args, name))]
 
     rows = []
     for recipe in args.recipes.split(","):
         for observer in args.observers.split(","):
-            argv = ["--model", args.model, "--data", args.data, "--config", recipe, "--observer", observer,
+            argv = ["--model", args.model, *splits, "--config", recipe,
                     "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
-                    "--log-dir", args.log_dir, "--no-progress"]
+                    "--log-dir", args.log_dir, "--no-progress", "--no-profile"]
+            if observer != "recipe":
+                argv += ["--observer", observer]
             if args.checkpoint:
                 argv += ["--checkpoint", args.checkpoint]
             print(f"== {recipe} / {observer}", flush=True)

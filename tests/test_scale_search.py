@@ -106,9 +106,11 @@ def test_fisher_metric_picks_the_minimum_of_the_gradient_weighted_error():
     plain, refined = searched("fqvit_w8a8_att8", metric="fisher")
     ratios = torch.linspace(SEARCH["min_ratio"], 1.0, SEARCH["candidates"], dtype=torch.float64).tolist()
     points = {n: q for n, q in plain.quantizers().items() if n in refined.searched_ratios}
-    # Every per-tensor uniform activation is searched, the image and the integer softmax's scores included.
+    # Every uniform activation is searched: the image, the integer softmax's scores and the per-channel
+    # (PTF) LayerNorm inputs included; the log2 grids and the weights are not.
     assert "patch_embed.proj.input_quant" in points and "blocks.0.attn.softmax.input_quant" in points
-    assert not any(q.per_channel for q in points.values())
+    assert "blocks.1.norm2.input_quant" in points and points["blocks.1.norm2.input_quant"].per_channel
+    assert not any(q.kind == "weight" for q in points.values())
     errors = {n: [0.0] * len(ratios) for n in points}
     for x, _, _ in batches():
         seen: dict[str, torch.Tensor] = {}
@@ -121,7 +123,7 @@ def test_fisher_metric_picks_the_minimum_of_the_gradient_weighted_error():
         grads = dict(zip(seen, torch.autograd.grad(loss, list(seen.values()))))
         with torch.no_grad():
             for n, q in points.items():
-                bt, zp, scale = q.spec.bit_type, float(q.zero_point), q.scale_value
+                bt, zp, scale = q.spec.bit_type, q.zero_point, q.scale  # per channel along the last axis
                 t, g = seen[n], grads[n]
                 for i, r in enumerate(ratios):
                     errors[n][i] += float(((uniform_fq(t, scale * r, zp, bt.qmin, bt.qmax) - t) * g).square().sum())
@@ -133,14 +135,16 @@ def test_fisher_metric_picks_the_minimum_of_the_gradient_weighted_error():
 
 
 def test_search_leaves_fp32_unchanged_and_survives_save_and_load(tmp_path):
-    plain, refined = searched("fqvit_w8a8_att8")
+    plain, refined = searched("fqvit_w8a8_att8", metric="fisher")
     x = tiny_images(8, seed=77)
     with torch.no_grad():
         with plain.fp32(), refined.fp32():
             torch.testing.assert_close(refined(x), plain(x), rtol=0, atol=0)
         assert not torch.equal(refined(x), plain(x))
-    # log2 grids keep their power-of-two scale; PTF LayerNorm inputs are per channel: both untouched.
-    assert not any("norm" in name and "input" in name for name in refined.searched_ratios)
+    # PTF LayerNorm inputs move all their channels' scales together: the power-of-two steps stay.
+    name = next(n for n in refined.searched_ratios if "norm" in n and refined.searched_ratios[n] < 1)
+    before, after = plain.model.get_submodule(name).scale, refined.model.get_submodule(name).scale
+    torch.testing.assert_close(after / before, torch.full_like(before, refined.searched_ratios[name]))
     model = make_tiny_vit()
     fingerprint = weights_sha256(model)
     save_calibrated(refined, tmp_path / "c.pt", "tiny", fingerprint, None)

@@ -4,9 +4,9 @@ Range estimators (MinMax, percentile, KL, OMSE) judge a quantized tensor by itse
 the output of the operation that reads it: a Linear weights its input channels unequally, and the
 attention matmul weighs each attention probability by the value rows it mixes. PTQ4ViT (arXiv
 2111.12293, Sec. 3.2: "Hessian guided metric" / output similarity) and APQ-ViT (arXiv 2303.14341)
-therefore search each scale against the layer output. Here, after calibration, for every per-tensor
-``activation`` / ``attention`` point with a scale ``s`` (and its zero point kept, so the range is
-``r * [lo, hi]``), the candidates ``r`` in ``[min_ratio, 1]`` are scored by
+therefore search each scale against the layer output. Here, after calibration, for every
+``activation`` / ``attention`` / ``layernorm_input`` point with a scale ``s`` (and its zero point kept,
+so the range is ``r * [lo, hi]``), the candidates ``r`` in ``[min_ratio, 1]`` are scored by
 
     sum over batches of || op(Q_{r s}(x)) - op_fp(x) ||^2
 
@@ -29,9 +29,11 @@ the class token's row counts for more than a background patch's, and clipping th
 peaks the prediction rests on is expensive although it lowers the plain output MSE. One backward pass
 per batch, then an elementwise score per candidate (no extra matmuls).
 
-Points left alone: per-channel ones (PTF LayerNorm inputs, per-channel weights) and log2 grids (their
-scale must stay a power of two); the ``output`` metric also leaves the integer softmax's score input and
-the patch embedding's image (their consumers are not a matmul), which ``fisher`` scores like the rest.
+Weights and log2 grids (their scale must stay a power of two) are left alone. A per-channel point
+(FQ-ViT's PTF LayerNorm input: scales ``s * 2^k_c``) moves all its scales by the same ratio, which keeps
+the power-of-two steps between channels. The ``output`` metric scores only the inputs of matmuls (Linear
+inputs, q, k, v and the attention map); ``fisher`` also the LayerNorm inputs, the integer softmax's
+scores and the patch embedding's image.
 """
 from __future__ import annotations
 
@@ -54,13 +56,14 @@ __all__ = ["ScaleSearch", "searchable", "search_scales"]
 
 
 def searchable(q: TensorQuantizer) -> bool:
-    """Whether the search refines this point: enabled, calibrated, per tensor, not a power-of-two log2 grid."""
+    """Whether the search refines this point: an enabled, calibrated activation, attention map or LayerNorm
+    input (per channel: all its scales move together, so PTF's power-of-two ratios stay), not on a
+    power-of-two log2 grid."""
     return (
         q.spec is not None
         and q.enabled
         and q.is_calibrated
-        and q.kind in ("activation", "attention")
-        and q.scale.dim() == 0
+        and q.kind in ("activation", "attention", "layernorm_input")
         and type(q.method) is not Log2Quantizer
     )
 
@@ -70,16 +73,25 @@ class _Point:
     quantizer: TensorQuantizer
     ratios: list[float]
     errors: Tensor  # (K,) float64 on the quantizer's device, summed over batches
-    scale: float  # the calibrated parameters, read once
-    zero_point: float
+    scale: float | Tensor  # the calibrated parameters, read once (tensors for a per-channel point)
+    zero_point: float | Tensor
+
+    @classmethod
+    def of(cls, q: TensorQuantizer, ratios: list[float]) -> "_Point":
+        errors = torch.zeros(len(ratios), dtype=torch.float64, device=q.scale.device)
+        if q.per_channel:
+            return cls(q, ratios, errors, q.scale.detach().clone(), q.zero_point.detach().clone())
+        return cls(q, ratios, errors, q.scale_value, float(q.zero_point))
 
     @torch.no_grad()
     def score(self, x: Tensor, op: Callable[[Tensor], Tensor], reference: Tensor) -> None:
         q = self.quantizer
-        errors = [
-            (op(q.method.fake_quant(x, self.scale * ratio, self.zero_point, q.spec.bit_type)) - reference).square().sum(dtype=torch.float64)
-            for ratio in self.ratios
-        ]
+        zero_point = q._broadcast(self.zero_point, x) if q.per_channel else self.zero_point
+        errors = []
+        for ratio in self.ratios:
+            scale = q._broadcast(self.scale * ratio, x) if q.per_channel else self.scale * ratio
+            out = op(q.method.fake_quant(x, scale, zero_point, q.spec.bit_type))
+            errors.append((out - reference).square().sum(dtype=torch.float64))
         # Out of place: the buffer may have been made in inference mode, the fisher batches run outside it.
         self.errors = self.errors + torch.stack(errors)
 
@@ -115,8 +127,7 @@ class ScaleSearch:
         ratios = torch.linspace(spec.min_ratio, 1.0, spec.candidates, dtype=torch.float64).tolist()
         for name, q in model.named_modules():
             if isinstance(q, TensorQuantizer) and searchable(q):
-                errors = torch.zeros(spec.candidates, dtype=torch.float64, device=q.scale.device)
-                self.points[name] = _Point(q, ratios, errors, q.scale_value, float(q.zero_point))
+                self.points[name] = _Point.of(q, ratios)
         self._by_quantizer = {id(p.quantizer): p for p in self.points.values()}
         if spec.metric == "fisher":
             for point in self.points.values():
