@@ -92,3 +92,18 @@ def test_missing_recipe_lists_shipped_ones(tmp_path):
 def test_round_trip_through_dict():
     recipe = load_recipe("fqvit_w8a8_att4")
     assert recipe_from_dict(recipe.to_dict()) == recipe
+
+
+def test_beyond_fqvit_recipes_stay_fully_quantized():
+    for name in ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8"):
+        recipe = load_recipe(name)
+        # Every kind quantized: weights, activations, the residual stream at the LayerNorms, the attention map.
+        assert all(getattr(recipe, kind) is not None for kind in ("weight", "activation", "layernorm_input", "attention"))
+        assert recipe.layernorm_input.power_of_two_factor
+        assert recipe.reparam is not None and recipe.scale_search is not None and recipe.scale_search.metric == "fisher"
+    assert load_recipe("fqvit_plus_w8a8").integer_softmax
+    w6 = load_recipe("fqvit_plus_w6a6_r8")
+    assert {w6.weight.bit_type.bits, w6.activation.bit_type.bits, w6.attention.bit_type.bits} == {6}
+    assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
+    full6 = load_recipe("fqvit_plus_w6a6")
+    assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}

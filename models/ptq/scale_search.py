@@ -115,23 +115,21 @@ class ScaleSearch:
         self.points: dict[str, _Point] = {}
         self._hooks: list = []
         self._captured: list[tuple[_Point, Tensor]] = []  # fisher: this batch's tensors, in the graph
-        if spec.metric == "fisher":
-            self._hooks.append(model.register_forward_pre_hook(self._track_input))
-            self._hooks.append(model.register_forward_hook(self._backward))
-        else:
-            for name, module in model.named_modules():
-                if isinstance(module, QuantLinear):
-                    self._hooks.append(module.register_forward_pre_hook(self._linear_hook(module)))
-                elif isinstance(module, QuantAttention):
-                    self._hooks.append(module.register_forward_hook(self._attention_hook(module)))
         ratios = torch.linspace(spec.min_ratio, 1.0, spec.candidates, dtype=torch.float64).tolist()
         for name, q in model.named_modules():
             if isinstance(q, TensorQuantizer) and searchable(q):
                 self.points[name] = _Point.of(q, ratios)
         self._by_quantizer = {id(p.quantizer): p for p in self.points.values()}
         if spec.metric == "fisher":
-            for point in self.points.values():
-                self._hooks.append(point.quantizer.register_forward_hook(self._capture))
+            self._hooks.append(model.register_forward_pre_hook(self._track_input))
+            self._hooks.append(model.register_forward_hook(self._backward))
+            self._hooks += [point.quantizer.register_forward_hook(self._capture) for point in self.points.values()]
+        else:
+            for module in model.modules():
+                if isinstance(module, QuantLinear):
+                    self._hooks.append(module.register_forward_pre_hook(self._linear_hook(module)))
+                elif isinstance(module, QuantAttention):
+                    self._hooks.append(module.register_forward_hook(self._attention_hook(module)))
 
     # -- fisher --------------------------------------------------------------------------------------
     @staticmethod
