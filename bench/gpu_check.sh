@@ -11,10 +11,10 @@
 # 3. The same under torchrun (NCCL, one process per GPU): the same numbers.
 # 4. bench_qvit.py on the GPU: vit_base FP32 vs fake-quant images/s at batch 128 and 64, calibration
 #    seconds per observer (1024 real images already on the GPU).
-# 5. test_qvit.py end to end on vit_base (random weights: speed only): the calibration seconds of the
-#    OMSE observer and of the fqvit_plus recipes (reparam, calibration, Fisher scale search), then KL calibration of 1000 images,
-#    then FP32 + INT8 evaluation streamed over SCALE x the train images (default 50: 50,000 images,
-#    the size of ImageNet's validation set), with peak host / GPU memory; then OMSE calibration.
+# 5. test_qvit.py end to end on vit_base (random weights: speed only): calibration seconds of 1000
+#    images with the OMSE observer and with the fqvit_plus recipes (reparam, calibration, Fisher scale
+#    search); then KL calibration and FP32 + INT8 evaluation streamed over SCALE x the train images
+#    (default 50: 50,000 images, the size of ImageNet's validation set), with peak host / GPU memory.
 # Every step has its own time limit and the script goes on after a failure; everything is logged to
 # OUT_DIR/gpu_check.log and each run's qvit_summary.json is copied to OUT_DIR/<step>.json.
 # STEPS="test_cuda deit_cuda ..." runs only the steps named; SCALE=N links each train image N times.
