@@ -18,6 +18,7 @@ from conftest import ROOT, tiny_images
 from test_cli import MODEL, assert_user_error, deit_tiny_run
 from test_profiler import calibrated
 from utils.onnx_export import check_qdq, export_onnx, export_plan, qdq_scales, simplify
+from utils.tensorrt_engine import check_deployable
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -165,3 +166,11 @@ def test_convert_refuses_an_unwritable_output_folder(calibrated_run, tmp_path):
     locked.mkdir(mode=0o500)
     result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", locked)
     assert_user_error(result, locked, "not writable")
+
+
+def test_scale_searched_trt_recipe_is_deployable_as_is():
+    qvit = calibrated("trt_int8_search")
+    assert qvit.searched_ratios and any(r < 1 for r in qvit.searched_ratios.values())
+    plan = export_plan(qvit)
+    assert [p.plan for p in plan] == ["qdq"] * len(qvit.quantizers())
+    check_deployable(plan, "trt_int8_search")  # raises for anything TensorRT could not run as calibrated
