@@ -182,17 +182,23 @@ class QVit(nn.Module):
 
     @contextlib.contextmanager
     def searching_scales(self) -> Iterator["QVit"]:
-        """After calibration: run FP32 and score candidate scales by the error of each consumer's output
-        (the recipe's ``scale_search``); on a clean exit every searched point takes its best scale."""
+        """After calibration: run FP32 and score candidate scales by the recipe's ``scale_search`` metric;
+        on a clean exit every searched point takes its best scale. The ``fisher`` metric back-propagates
+        (to the activations only), so gradients are on inside, even under ``torch.inference_mode``."""
         spec = self.recipe.scale_search
         if spec is None:
             raise RuntimeError(f"recipe {self.recipe.name} has no scale_search section")
         if not self.is_calibrated:
             raise RuntimeError("searching_scales() refines calibrated scales: calibrate first")
+        gradients = contextlib.ExitStack()
+        if spec.metric == "fisher":
+            gradients.enter_context(torch.inference_mode(False))
+            gradients.enter_context(torch.enable_grad())
         with self._mode(QuantMode.FP32), search_scales(self.model, spec) as search:
-            yield self
+            with gradients:
+                yield self
         self.searched_ratios = search.apply()
-        log.info("output-error scale search: %d points, mean ratio %.3f", len(self.searched_ratios),
+        log.info("%s scale search: %d points, mean ratio %.3f", spec.metric, len(self.searched_ratios),
                  sum(self.searched_ratios.values()) / max(1, len(self.searched_ratios)))
 
     @torch.no_grad()

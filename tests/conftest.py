@@ -31,6 +31,7 @@ OBSERVER_CASES = [
     ("fqvit_w8a8_att8", {"activation.observer": "percentile", "layernorm_input.observer": "percentile"}),
     ("trt_int8", {}),
 ]
+OBSERVER_CASE_IDS = [f"{r}-{'-'.join(o.values()) or 'default'}" for r, o in OBSERVER_CASES]
 
 
 def make_tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:

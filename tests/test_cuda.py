@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import OBSERVER_CASE_IDS as CASE_IDS
 from conftest import OBSERVER_CASES, calibrated, make_tiny_vit, tiny_images
 from models.quant_vit import QVit
 from quant_config import load_recipe
@@ -18,7 +19,6 @@ from utils.engine import calibrate, evaluate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 CUDA = torch.device("cuda")
-CASE_IDS = [f"{r}-{'-'.join(o.values()) or 'default'}" for r, o in OBSERVER_CASES]
 
 
 def batches(device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

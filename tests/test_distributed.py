@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import OBSERVER_CASES as CASES
+from conftest import OBSERVER_CASE_IDS, OBSERVER_CASES as CASES
 from conftest import make_tiny_vit, tiny_images
 from models.quant_vit import QVit
 from quant_config import load_recipe
@@ -65,7 +65,7 @@ def distributed_and_single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{r}-{'-'.join(o.values()) or 'default'}" for r, o in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=OBSERVER_CASE_IDS)
 def test_distributed_calibration_gives_the_single_process_scales(distributed_and_single, case):
     distributed, single = distributed_and_single
     scales, reference = distributed[case][0], single[case][0]

@@ -77,12 +77,6 @@ class _Timer:
         return sum(spans)
 
 
-@contextlib.contextmanager
-def _gradients() -> Iterator[None]:
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
 @dataclass
 class CalibrationResult:
     images: int
@@ -114,8 +108,6 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
     calibrated_images = calibrated_unreadable = 0
     for name, context, limit in passes:
         images = unreadable = 0
-        # The Fisher-weighted scale search back-propagates (to the activations only).
-        needs_grad = name == "search scales" and qvit.recipe.scale_search.metric == "fisher"
         with context(), _progress(batches, name, progress) as bar:
             for x, _, bad in batches:
                 if images >= limit:
@@ -124,8 +116,7 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
                 bar.update(bad)
                 if x is None:
                     continue
-                with _gradients() if needs_grad else contextlib.nullcontext():
-                    qvit(x.to(device, non_blocking=True))
+                qvit(x.to(device, non_blocking=True))
                 images += len(x)
                 bar.update(len(x))
             if images == 0:  # leaves the context with an error, so nothing is folded, fixed or finalized

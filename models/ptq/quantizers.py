@@ -88,13 +88,13 @@ class Log2Quantizer(QuantMethod):
         return scale, torch.zeros_like(scale)
 
     def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
-        # The bit trick needs every code to be a normal float32 (2^-125 and up).
-        if x.dtype == torch.float32 and not bit_type.symmetric and self.max_code(bit_type) <= 125:
+        # The bit trick needs every code to be a normal float32 (2^-125 and up), and whole powers of two.
+        if self.step == 1.0 and x.dtype == torch.float32 and not bit_type.symmetric and self.max_code(bit_type) <= 125:
             return self._fake_quant_float32(x, scale, bit_type)
         magnitude = x.abs() if bit_type.symmetric else x.clamp(min=0.0)
-        code = magnitude.div_(scale).log2_().neg_().round_().clamp_(min=0.0)  # |x| = 0 gives +inf
+        code = magnitude.div_(scale).log2_().div_(-self.step).round_().clamp_(min=0.0)  # |x| = 0 gives +inf
         is_zero = code > self.max_code(bit_type)
-        out = code.neg_().exp2_().masked_fill_(is_zero, 0.0).mul_(scale)
+        out = code.mul_(-self.step).exp2_().masked_fill_(is_zero, 0.0).mul_(scale)
         return out.mul_(torch.sign(x)) if bit_type.symmetric else out
 
     def _fake_quant_float32(self, x: Tensor, scale: Number, bit_type: BitTypeConfig) -> Tensor:
@@ -115,13 +115,6 @@ class LogSqrt2Quantizer(Log2Quantizer):
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         scale = torch.maximum(lo.float().abs(), hi.float().abs()).clamp_min(SCALE_EPS)
         return scale, torch.zeros_like(scale)
-
-    def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
-        magnitude = x.abs() if bit_type.symmetric else x.clamp(min=0.0)
-        code = magnitude.div_(scale).log2_().mul_(-2.0).round_().clamp_(min=0.0)  # |x| = 0 gives +inf
-        is_zero = code > self.max_code(bit_type)
-        out = code.mul_(-0.5).exp2_().masked_fill_(is_zero, 0.0).mul_(scale)
-        return out.mul_(torch.sign(x)) if bit_type.symmetric else out
 
 
 QUANTIZERS: dict[str, type[QuantMethod]] = {"uniform": UniformQuantizer, "log2": Log2Quantizer, "log_sqrt2": LogSqrt2Quantizer}
