@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quant_config import ConfigError
 from utils.errors import ArgumentParser, UserError, run_script
 
 
@@ -324,7 +325,7 @@ def tensorrt_engines(args: argparse.Namespace, folder: Path, batches: list[int],
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_script(lambda: convert(args), (UserError,))
+    return run_script(lambda: convert(args), (UserError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
 
 A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
 outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
-refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`). Recipes live as YAML files in ``configs/`` and are
+refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
+``layers`` (optional) makes per-point exceptions to the kinds - a different observer, quantizer or bit
+width for the points whose path matches a glob, e.g. 8-bit for the most Fisher-sensitive points of a
+4-bit recipe (mixed precision, ``result_analyze.py --mixed-recipe``). Recipes live as YAML files in ``configs/`` and are
 loaded with :func:`load_recipe`; every value is checked and a bad one raises :class:`ConfigError`
 with a one-line message naming the file and the key.
 """
@@ -96,6 +99,11 @@ class QuantizerSpec:
     ptf_levels: int = 4
 
     def validate(self, where: str, kind: str) -> None:
+        self.validate_values(where)
+        self.validate_combination(where, kind)
+
+    def validate_values(self, where: str) -> None:
+        """Each field on its own: names that exist, numbers in range."""
         from models.ptq.observers import OBSERVERS
         from models.ptq.quantizers import QUANTIZERS
 
@@ -116,6 +124,9 @@ class QuantizerSpec:
             raise ConfigError(f"{where}.ptf_levels must be an integer from 1 to 8, got {self.ptf_levels!r}")
         if not isinstance(self.power_of_two_factor, bool):
             raise ConfigError(f"{where}.power_of_two_factor must be true or false, got {self.power_of_two_factor!r}")
+
+    def validate_combination(self, where: str, kind: str) -> None:
+        """The fields together, for a tensor of ``kind``."""
         # Granularities that have no meaning for the tensor kind are refused rather than silently ignored.
         if kind == "attention" and self.calibration_mode == "channel_wise":
             raise ConfigError(
@@ -123,6 +134,11 @@ class QuantizerSpec:
             )
         if self.quantizer in ("log2", "log_sqrt2") and self.calibration_mode == "channel_wise":
             raise ConfigError(f"{where}: the {self.quantizer} quantizer has one scale per tensor; use calibration_mode: layer_wise")
+        if self.quantizer == "twin_uniform":
+            if not self.bit_type.symmetric:
+                raise ConfigError(f"{where}: the twin_uniform quantizer uses signed codes (the sign picks the region); set bit_type.symmetric: true")
+            if kind == "attention":
+                raise ConfigError(f"{where}: twin_uniform splits by sign and the attention map is non-negative; use log2 or log_sqrt2")
         if self.power_of_two_factor:
             if kind != "layernorm_input":
                 raise ConfigError(f"{where}.power_of_two_factor applies only to layernorm_input (FQ-ViT PTF), not to {kind}")
@@ -195,6 +211,10 @@ class QuantRecipe:
     integer_softmax: bool = False
     reparam: ReparamSpec | None = None
     scale_search: ScaleSearchSpec | None = None
+    # Per-point exceptions, in order: a glob over quantizer paths (``blocks.*.mlp.fc2.input_quant``) ->
+    # spec fields replacing those of the point's kind (``{bit_type: {bits: 8}}``), or null for float.
+    # Checked against the model by :func:`layer_specs` (every pattern must match a point).
+    layers: dict[str, Any] | None = None
 
     def validate(self, where: str = "recipe") -> "QuantRecipe":
         if not isinstance(self.name, str) or not self.name:
@@ -217,7 +237,27 @@ class QuantRecipe:
             self.scale_search.validate(f"{where}.scale_search")
             if self.activation is None and self.attention is None:
                 raise ConfigError(f"{where}: scale_search needs the activation or attention kind quantized")
+        if self.layers is not None:
+            if not isinstance(self.layers, Mapping) or not self.layers:
+                raise ConfigError(f"{where}.layers must be a non-empty mapping of quantizer-path patterns to spec fields or null")
+            for pattern, fields_ in self.layers.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ConfigError(f"{where}.layers: a pattern must be a non-empty string, got {pattern!r}")
+                # Keys and single values are checked here; how they combine with the kind they land on
+                # (PTF only on LayerNorm inputs, ...) when the patterns meet the model's points.
+                _merge_spec(QuantizerSpec(), fields_, f"{where}.layers[{pattern!r}]").validate_values(f"{where}.layers[{pattern!r}]")
         return self
+
+    def layer_spec(self, kind: str, fields_: Mapping[str, Any] | None, where: str) -> QuantizerSpec | None:
+        """The spec of a point of ``kind`` with the ``layers`` entry ``fields_`` applied (null: float)."""
+        if fields_ is None:
+            return None
+        base = getattr(self, kind) or QuantizerSpec()
+        spec = _merge_spec(base, fields_, where)
+        spec.validate(where, kind)
+        if kind == "weight" and spec.quantizer != "uniform":
+            raise ConfigError(f"{where}.quantizer must be uniform for a weight")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +309,27 @@ def _spec_from_dict(data: Any, where: str) -> QuantizerSpec | None:
     bit_type = _build_dataclass(BitTypeConfig, bit_data, f"{where}.bit_type")
     spec = _build_dataclass(QuantizerSpec, data, where)
     return dataclasses.replace(spec, bit_type=bit_type)
+
+
+def _merge_spec(base: QuantizerSpec, fields_: Any, where: str) -> QuantizerSpec:
+    """``base`` with the given spec fields replaced (``bit_type`` merged key by key; its name re-derived)."""
+    if fields_ is None:
+        return base
+    if not isinstance(fields_, Mapping):
+        raise ConfigError(f"{where} must be a mapping of spec fields or null, got {type(fields_).__name__}")
+    data = dataclasses.asdict(base)
+    for key, value in fields_.items():
+        if key == "bit_type":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.bit_type must be a mapping, got {type(value).__name__}")
+            if "name" not in value:
+                data["bit_type"].pop("name")
+            data["bit_type"].update(value)
+        else:
+            data[key] = value
+    spec = _spec_from_dict(data, where)
+    assert spec is not None
+    return spec
 
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:

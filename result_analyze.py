@@ -8,7 +8,9 @@ Writes ``RUN/plots/*.png`` and ``RUN/report.html`` (an earlier analysis is kept:
 ``plots-<time>/`` and ``report-<time>.html``). ``--sensitivity`` computes each quantization point's
 Fisher score on calibration images (see utils/sensitivity.py for the estimator), writes
 ``log/hessian/sensitivity_<time>.csv`` and ``sensitivity_plot_<time>.png``; ``--keep-fp`` then
-evaluates the run's validation images with the K most sensitive points kept in floating point.
+evaluates the run's validation images with the K most sensitive points kept in floating point;
+``--mixed-recipe K`` writes ``log/hessian/mixed_<time>.yaml``, the run's recipe with its K most
+sensitive points below ``--mixed-bits`` (8) promoted to that width (mixed precision).
 Bad input ends with one ``error: ...`` line and exit code 2.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from quant_config import ConfigError
 from utils.errors import ArgumentParser, UserError, run_script
 
 
@@ -33,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity", action="store_true", help="compute per-point and per-block Fisher sensitivity")
     g.add_argument("--sensitivity-samples", type=int, default=64, help="calibration images for the Fisher estimate (default 64)")
     g.add_argument("--keep-fp", default=None, metavar="K[,K...]", help="with --sensitivity: evaluate with the K most sensitive points in float, e.g. 0,1,2,4")
+    g.add_argument("--mixed-recipe", type=int, default=None, metavar="K",
+                   help="with --sensitivity: write a recipe (mixed_<time>.yaml under --hessian-dir) that is the run's with its K most "
+                        "sensitive points below --mixed-bits promoted to --mixed-bits; run it with test_qvit.py --config FILE")
+    g.add_argument("--mixed-bits", type=int, default=8, help="bit width of the promoted points (default 8)")
     g.add_argument("--calibrated", default=None, metavar="PATH", help="calibrated quantizer state (default RUN/calibrated.pt)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="model weights (default: the run's --checkpoint, else timm pretrained)")
     g.add_argument("--calib-dir", default=None, help="calibration images (default: the run's calibration split)")
@@ -147,6 +154,9 @@ def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> 
             + table_html(blocks),
         )
     ]
+    written = [csv_path, plot_path]
+    if args.mixed_recipe is not None:
+        written.append(write_mixed_recipe(qvit, recipe, table, args, hessian, stamp, images))
     if keeps:
         val = scan_split(val_dir)
         ranking = list(table.sort_values("rank")["name"])
@@ -168,10 +178,35 @@ def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> 
         for r in results:
             print(f"  K={r.keep}: top-1 {r.top1:.2f}, agreement {r.agreement_top1:.3f}, logit cosine {r.logit_cosine:.4f}")
         sections.append((f"Keeping the most sensitive points in float (FP32 top-1 {fp32['top1']:.2f}, {fp32['samples']} images)", table_html(rows)))
-        written = [csv_path, plot_path, keep_path]
-    else:
-        written = [csv_path, plot_path]
+        written.append(keep_path)
     return sections, written
+
+
+def write_mixed_recipe(qvit, recipe, table, args: argparse.Namespace, folder: Path, stamp: str, images: int) -> Path:
+    """The run's recipe with its most sensitive narrow points promoted (utils.sensitivity.mixed_precision_layers)."""
+    import dataclasses
+
+    import yaml
+
+    from quant_config import recipe_from_dict
+    from utils.run_dir import write_text_atomic
+    from utils.sensitivity import mixed_precision_layers
+
+    layers = mixed_precision_layers(qvit, table, args.mixed_recipe, args.mixed_bits)
+    promoted = [path for path in layers if path not in (recipe.layers or {})]
+    name = f"{recipe.name}_mp{len(promoted)}x{args.mixed_bits}"
+    data = dataclasses.replace(recipe, name=name, layers=layers or None).to_dict()
+    recipe_from_dict(data, where=name)  # the file written must load
+    path = free_name(folder, f"mixed_{stamp}", ".yaml", stamp)
+    header = (
+        f"# {name}: recipe {recipe.name} with its {len(promoted)} most Fisher-sensitive points below {args.mixed_bits} bits\n"
+        f"# promoted to {args.mixed_bits} bits (result_analyze.py --sensitivity --mixed-recipe {args.mixed_recipe}, "
+        f"{images} calibration images, {stamp}).\n"
+    )
+    write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
+    print(f"  mixed precision: {len(promoted)} points promoted to {args.mixed_bits} bits"
+          + (f" ({', '.join(promoted[:4])}{', ...' if len(promoted) > 4 else ''})" if promoted else "") + f"; wrote {path}")
+    return path
 
 
 def analyse(args: argparse.Namespace) -> Path:
@@ -181,6 +216,13 @@ def analyse(args: argparse.Namespace) -> Path:
     keeps = parse_keeps(args.keep_fp)
     if keeps and not args.sensitivity:
         raise UserError("--keep-fp ranks points by their Fisher sensitivity: add --sensitivity")
+    if args.mixed_recipe is not None:
+        if not args.sensitivity:
+            raise UserError("--mixed-recipe ranks points by their Fisher sensitivity: add --sensitivity")
+        if args.mixed_recipe < 1:
+            raise UserError(f"--mixed-recipe must be at least 1, got {args.mixed_recipe}")
+        if not 2 <= args.mixed_bits <= 16:
+            raise UserError(f"--mixed-bits must be from 2 to 16, got {args.mixed_bits}")
     run_path = Path(args.run) if args.run else newest_run(Path(args.log_dir))
 
     from utils.analysis import load_run, write_plots, write_report
@@ -211,7 +253,7 @@ def analyse(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_script(lambda: analyse(args), (UserError,))
+    return run_script(lambda: analyse(args), (UserError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ runs every pass the recipe needs.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 from typing import Iterator
 
@@ -48,7 +49,7 @@ from models.ptq.observers import distributed
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
-from quant_config import QuantRecipe
+from quant_config import ConfigError, QuantRecipe
 
 __all__ = ["QVit", "UnsupportedModelError"]
 
@@ -80,6 +81,7 @@ class QVit(nn.Module):
         self._ranges_fixed = False  # observing_ranges() ran: the next calibrating() keeps its histogram bins
         self.searched_ratios: dict[str, float] = {}  # scale ratios chosen by searching_scales()
         self._convert()
+        self._apply_layer_specs()
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
                 quantizer.name = name
@@ -101,6 +103,32 @@ class QVit(nn.Module):
                 QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
             elif kind in (nn.LayerNorm, TimmLayerNorm):
                 QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
+
+    def _apply_layer_specs(self) -> None:
+        """Replace the quantizers named by the recipe's ``layers`` patterns (later patterns win)."""
+        if not self.recipe.layers:
+            return
+        points = {name: m for name, m in self.model.named_modules() if isinstance(m, TensorQuantizer)}
+        chosen: dict[str, str] = {}
+        for pattern in self.recipe.layers:
+            names = [name for name in points if fnmatch.fnmatchcase(name, pattern)]
+            if not names:
+                raise ConfigError(
+                    f"{self.recipe.name}.layers: pattern {pattern!r} matches no quantization point of this model "
+                    f"(paths look like {next(n for n in points if n.endswith('fc2.input_quant'))!r})"
+                )
+            chosen.update(dict.fromkeys(names, pattern))
+        for name, pattern in chosen.items():
+            old = points[name]
+            where = f"{self.recipe.name}.layers[{pattern!r}]"
+            spec = self.recipe.layer_spec(old.kind, self.recipe.layers[pattern], where)
+            if spec is not None and name.endswith("softmax.input_quant") and self.recipe.integer_softmax:
+                if spec.quantizer != "uniform" or spec.calibration_mode != "layer_wise":
+                    raise ConfigError(f"{where}: the integer softmax needs uniform, layer_wise scores at {name}")
+            parent, _, attr = name.rpartition(".")
+            new = TensorQuantizer(spec, self.state, num_channels=old.num_channels, channel_axis=old.channel_axis,
+                                  static=old.static, kind=old.kind, device=old.scale.device)
+            setattr(self.model.get_submodule(parent), attr, new)
 
     # -- modes ---------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, tiny_images
+from models.quant_vit import QVit
+from quant_config import load_recipe
 from test_cli import assert_user_error, deit_tiny_run
 from test_profiler import calibrated
 from utils.profiler import point_name
@@ -45,7 +48,7 @@ def png_ok(path: Path) -> None:
 def test_plots_report_and_sensitivity(run_folder, tmp_path):
     hessian = tmp_path / "hessian"
     result = analyse(run_folder, "--sensitivity", "--sensitivity-samples", 4, "--keep-fp", "0,1,2", "--hessian-dir", hessian,
-                     "--workers", 0, "--no-progress")  # fmt: skip
+                     "--mixed-recipe", 2, "--mixed-bits", 16, "--workers", 0, "--no-progress")  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = Path(result.stdout.strip().splitlines()[-1])
     assert report == run_folder / "report.html"
@@ -80,6 +83,17 @@ def test_plots_report_and_sensitivity(run_folder, tmp_path):
     kept = pd.read_csv(keep)
     assert list(kept["K"]) == [0, 1, 2]
     assert kept.loc[1, "kept in float"] == scores.loc[0, "name"]
+
+    # The mixed-precision recipe promotes exactly the two highest-ranked points, and loads onto the model.
+    (mixed,) = hessian.glob("mixed_*.yaml")
+    recipe = load_recipe(mixed)
+    assert recipe.name == "fqvit_w8a8_att8_mp2x16"
+    assert recipe.layers == {f"{name}_quant": {"bit_type": {"bits": 16}} for name in scores["name"][:2]}
+    assert recipe.activation == load_recipe("fqvit_w8a8_att8").activation
+    qvit = QVit(timm.create_model("deit_tiny_patch16_224", pretrained=False), recipe)
+    widths = {point_name(path): q.spec.bit_type.bits for path, q in qvit.quantizers().items()}
+    assert sorted(name for name, bits in widths.items() if bits == 16) == sorted(scores["name"][:2])
+    assert "2 points promoted to 16 bits" in result.stdout
 
     # A second analysis keeps the first.
     again = analyse(run_folder, "--no-progress")
@@ -129,6 +143,8 @@ def bad_copy(run_folder: Path, tmp_path: Path, edit) -> Path:
         (lambda r: None, ["--keep-fp", "1"], "add --sensitivity"),
         (lambda r: None, ["--sensitivity", "--keep-fp", "one"], "--keep-fp 'one': expected non-negative integers"),
         (lambda r: None, ["--sensitivity-samples", "0"], "--sensitivity-samples must be at least 1"),
+        (lambda r: None, ["--mixed-recipe", "2"], "--mixed-recipe ranks points by their Fisher sensitivity: add --sensitivity"),
+        (lambda r: None, ["--sensitivity", "--mixed-recipe", "0"], "--mixed-recipe must be at least 1"),
         (lambda r: None, ["--sensitivity", "--calib-dir", "/nonexistent"], "--calib-dir /nonexistent: no such directory"),
     ],
 )

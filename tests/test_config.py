@@ -29,7 +29,7 @@ def test_shipped_recipes_load():
         ("activation.bit_type.bits", 1, "bits must be an integer from 2 to 16"),
         ("activation.bit_type.bits", 17, "bits must be an integer from 2 to 16"),
         ("activation.observer", "median", "unknown observer 'median'; valid: kl, minmax, omse, percentile"),
-        ("activation.quantizer", "cubic", "unknown quantizer 'cubic'; valid: log2, log_sqrt2, uniform"),
+        ("activation.quantizer", "cubic", "unknown quantizer 'cubic'; valid: log2, log_sqrt2, twin_uniform, uniform"),
         ("activation.calibration_mode", "head_wise", "unknown mode 'head_wise'"),
         ("attention.calibration_mode", "channel_wise", "meaningless for the attention map"),
         ("activation.power_of_two_factor", True, "applies only to layernorm_input"),
@@ -37,6 +37,9 @@ def test_shipped_recipes_load():
         ("activation.percentile", 1.5, "percentile must be in"),
         ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
         ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),
+        ("activation.quantizer", "twin_uniform", "twin_uniform quantizer uses signed codes"),
+        ("attention.quantizer", "twin_uniform", "twin_uniform quantizer uses signed codes"),
+        ("weight.quantizer", "twin_uniform", "x.yaml.weight.quantizer must be uniform"),
     ],
 )
 def test_invalid_values_are_refused(path, value, message):
@@ -107,3 +110,26 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
+
+
+def test_layers_section_is_checked_at_load():
+    data = base()
+    data["layers"] = {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True}}, "head.*": None}
+    recipe = recipe_from_dict(data, where="x.yaml")
+    assert recipe_from_dict(recipe.to_dict()) == recipe  # survives the calibrated file's round trip
+    spec = recipe.layer_spec("activation", recipe.layers["blocks.*.mlp.fc2.input_quant"], "w")
+    assert spec.quantizer == "twin_uniform" and spec.bit_type.name == "int8" and spec.observer == recipe.activation.observer
+    assert recipe.layer_spec("weight", None, "w") is None
+    eight = recipe.layer_spec("weight", {"bit_type": {"bits": 4}}, "w")
+    assert eight.bit_type.name == "int4" and eight.calibration_mode == "channel_wise"  # the rest is the kind's
+    with pytest.raises(ConfigError, match="twin_uniform splits by sign"):
+        recipe.layer_spec("attention", {"quantizer": "twin_uniform", "bit_type": {"symmetric": True}}, "w")
+    for layers, message in [
+        ({"fc2": {"obsrver": "kl"}}, r"x.yaml.layers\['fc2'\]: unknown key 'obsrver'"),
+        ({"fc2": {"bit_type": {"bits": 1}}}, "bits must be an integer from 2 to 16"),
+        ({"fc2": 8}, "must be a mapping of spec fields or null"),
+        ({}, "layers must be a non-empty mapping"),
+    ]:
+        data["layers"] = layers
+        with pytest.raises(ConfigError, match=message):
+            recipe_from_dict(data, where="x.yaml")

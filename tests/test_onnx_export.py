@@ -97,6 +97,10 @@ def test_fqvit_recipes_say_what_falls_back_and_what_is_mapped():
     lo, hi = -float(qz.zero_point) * float(qz.scale), (255 - float(qz.zero_point)) * float(qz.scale)
     assert float(mapped.scale) == pytest.approx(max(abs(lo), abs(hi)) / 127)
     assert plan["blocks.0.mlp.fc1.weight"].plan == "qdq"
+    twin = {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True}}}
+    plan = {p.name: p for p in export_plan(calibrated("trt_int8", layers=twin))}
+    assert plan["blocks.1.mlp.fc2.input"].plan == "float" and "twin_uniform grid" in plan["blocks.1.mlp.fc2.input"].reason
+    assert plan["blocks.1.mlp.fc1.input"].plan == "qdq"
 
 
 # -- convert_tensorrt.py as users run it -------------------------------------------------------------------

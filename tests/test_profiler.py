@@ -73,8 +73,11 @@ def clipped_fraction(qz, x: torch.Tensor) -> float:
         # Saturated: log2(|x| / scale) rounds beyond the codes 0 ... max_code.
         smallest = scale * 2.0 ** -(Log2Quantizer.max_code(bt) + 0.5)
         return float(((x.abs() > scale * math.sqrt(2)) | ((x != 0) & (x.abs() < smallest))).sum()) / x.numel()
-    # Saturated: x / scale + zero point rounds outside [qmin, qmax].
     zp = qz.zero_point.float().view(scale.shape) if qz.zero_point.dim() == 1 else qz.zero_point.float()
+    if qz.spec.quantizer == "twin_uniform":
+        # Saturated: beyond half a step past the last level of its sign's region (negative step scale * 2^-m).
+        return float(((x < (bt.qmin - 0.5) * scale * 2.0**-zp) | (x > (bt.qmax + 0.5) * scale)).sum()) / x.numel()
+    # Saturated: x / scale + zero point rounds outside [qmin, qmax].
     return float(((x < (bt.qmin - zp - 0.5) * scale) | (x > (bt.qmax - zp + 0.5) * scale)).sum()) / x.numel()
 
 
@@ -96,9 +99,13 @@ def kl(p: np.ndarray, q: np.ndarray, per_cell: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
-@pytest.mark.parametrize("recipe", ["fqvit_w8a8_att8", "fqvit_w8a8_att4", "minmax_w8a8"])
-def test_statistics_match_direct_computation(recipe):
-    qvit = calibrated(recipe)
+TWIN_FC2 = {"layers": {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True, "bits": 6}}}}
+
+
+@pytest.mark.parametrize("recipe,overrides", [("fqvit_w8a8_att8", {}), ("fqvit_w8a8_att4", {}), ("minmax_w8a8", {}), ("minmax_w8a8", TWIN_FC2)],
+                         ids=["fqvit_w8a8_att8", "fqvit_w8a8_att4", "minmax_w8a8", "minmax_w8a8-twin_fc2"])
+def test_statistics_match_direct_computation(recipe, overrides):
+    qvit = calibrated(recipe, **overrides)
     x = tiny_images(8, seed=42)
     result = run_profile(qvit, [(x, None, 0)], isolated=True, detail_samples=8)
     table = result.table.set_index("name")
@@ -137,11 +144,15 @@ def test_statistics_match_direct_computation(recipe):
         alone = qz.fake_quant(ref)
         assert row.iso_qsnr_db == pytest.approx(qsnr(ref, alone), rel=1e-4), name
         assert row.iso_clipped_fraction == pytest.approx(clipped_fraction(qz, ref), abs=1e-12)
-        if row.iso_clipped_fraction == 0 and not qz.per_channel:
-            assert row.iso_kl < 1e-3, name  # rounding alone keeps every value in its level's cell
+        if row.iso_clipped_fraction == 0 and not qz.per_channel and qz.spec.quantizer != "twin_uniform":
+            # Rounding alone keeps every value in its level's cell (a twin grid's cells are its finer
+            # step, so its coarser region's rounding crosses cells).
+            assert row.iso_kl < 1e-3, name
         if not isinstance(qz.method, Log2Quantizer):
             # Saturation is exactly what makes the error exceed rounding's half step.
             step = qz.scale.view([-1 if d == qz.channel_axis % ref.dim() else 1 for d in range(ref.dim())]) if qz.per_channel else qz.scale
+            if qz.spec.quantizer == "twin_uniform":
+                step = torch.where(ref < 0, step * 2.0 ** -qz.zero_point, step)
             beyond = ((ref - alone).abs() > step * (0.5 + 1e-4)).double().mean()
             assert row.iso_clipped_fraction == pytest.approx(float(beyond), abs=1e-3), name
 

@@ -12,7 +12,7 @@ from conftest import calibrated, make_tiny_vit, tiny_images
 from models.ptq.layers import QuantAttention, QuantBlock, QuantLayerNorm, QuantLinear
 from models.ptq.tensor_quantizer import QuantMode
 from models.quant_vit import QVit, UnsupportedModelError
-from quant_config import load_recipe
+from quant_config import ConfigError, load_recipe
 from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
 from utils.errors import UserError
 
@@ -192,3 +192,44 @@ def test_unsupported_architectures_are_named():
         QVit(map_pool, load_recipe("fqvit_w8a8_att8"))
     # Refused before conversion: the model is left exactly as it was.
     assert type(map_pool.blocks[0]) is Block and type(map_pool.head) is torch.nn.Linear
+
+
+def test_layers_patterns_replace_only_the_matching_points():
+    layers = {
+        "blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True, "bits": 6}},
+        "blocks.1.*.weight_quant": {"bit_type": {"bits": 4}},
+        "blocks.1.mlp.fc2.weight_quant": {"bit_type": {"bits": 6}},  # later patterns win
+        "head.input_quant": None,
+    }
+    qvit = calibrated("fqvit_w8a8_att8", **{"layers": layers})
+    points = qvit.quantizers()
+    for name, q in points.items():
+        bt = q.spec.bit_type
+        if name.endswith("mlp.fc2.input_quant"):
+            assert q.spec.quantizer == "twin_uniform" and bt.bits == 6 and q.kind == "activation"
+            assert float(q.zero_point) > 0  # the negative step is finer: GELU's minimum is small
+        elif name == "blocks.1.mlp.fc2.weight_quant":
+            assert bt.bits == 6 and q.per_channel
+        elif name.startswith("blocks.1.") and name.endswith("weight_quant"):
+            assert bt.bits == 4 and q.per_channel and q.static
+        else:
+            assert q.spec == getattr(qvit.recipe, q.kind) or name.endswith("softmax.input_quant"), name
+    assert "head.input_quant" not in points and not qvit.model.head.input_quant.enabled
+    x = tiny_images(4, seed=3)
+    out = qvit(x)
+    with qvit.fp32():
+        ref = qvit(x)
+    assert torch.isfinite(out).all() and 0.5 < F.cosine_similarity(out, ref).mean() < 1.0
+    # A saved calibration loads into a model built from the same recipe.
+    other = QVit(make_tiny_vit(), qvit.recipe)
+    other.load_state_dict(qvit.state_dict())
+    assert torch.equal(other(x), out)
+
+
+def test_layers_patterns_that_match_nothing_or_break_a_rule_are_refused():
+    with pytest.raises(ConfigError, match=r"pattern 'blocks.\*.mlp.fc3\*' matches no quantization point"):
+        QVit(make_tiny_vit(), load_recipe("fqvit_w8a8_att8", {"layers": {"blocks.*.mlp.fc3*": None}}))
+    with pytest.raises(ConfigError, match="power_of_two_factor applies only to layernorm_input"):
+        QVit(make_tiny_vit(), load_recipe("fqvit_w8a8_att8", {"layers": {"blocks.0.mlp.fc1.input_quant": {"power_of_two_factor": True}}}))
+    with pytest.raises(ConfigError, match="the integer softmax needs uniform, layer_wise scores"):
+        QVit(make_tiny_vit(), load_recipe("fqvit_w8a8_att8", {"layers": {"*softmax.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True}}}}))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ptq.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, build_quantizer
+from models.ptq.quantizers import Log2Quantizer, LogSqrt2Quantizer, TwinUniformQuantizer, UniformQuantizer, build_quantizer
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import BitTypeConfig, QuantizerSpec
 
@@ -119,8 +119,62 @@ def test_log_sqrt2_attention_map_is_finer_than_log2_near_one():
     assert errors["log_sqrt2"] < 0.7 * errors["log2"]
 
 
+def np_twin(x: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
+    """PTQ4ViT's twin uniform grid written out: positive step hi / (2^(b-1) - 1), negative step the
+    largest power-of-two fraction of it whose 2^(b-1) levels still reach lo."""
+    half = 2 ** (bits - 1)
+    pos_step = np.float32(hi / (half - 1))
+    m = 0
+    while half * pos_step * 2.0 ** -(m + 1) >= -lo:
+        m += 1
+    while half * pos_step * 2.0**-m < -lo:
+        m -= 1
+    neg_step = np.float32(pos_step * 2.0**-m)
+    out = np.where(x >= 0, np.clip(np.round(x / pos_step), 0, half - 1) * pos_step, np.clip(np.round(x / neg_step), -half, 0) * neg_step)
+    return out.astype(np.float32), m
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_twin_uniform_matches_numpy_and_round_trips_both_grids(bits):
+    rng = np.random.default_rng(bits)
+    pre = rng.standard_normal(20_000).astype(np.float32) * 2
+    x = torch.nn.functional.gelu(torch.from_numpy(pre)).numpy()  # GELU's outputs: min ~ -0.17
+    lo, hi = float(x.min()), float(x.max())
+    bt = BitTypeConfig(bits, True, f"int{bits}")
+    method = TwinUniformQuantizer()
+    scale, shift = method.qparams(torch.tensor(lo), torch.tensor(hi), bt)
+    ref, ref_shift = np_twin(x, lo, hi, bits)
+    assert shift.item() == ref_shift and ref_shift > 0  # the negative step is the finer one
+    out = method.fake_quant(torch.from_numpy(x), scale, shift, bt)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-7)
+    # Tensor parameters (per-channel broadcasting) give the same values as Python floats.
+    assert torch.equal(method.fake_quant(torch.from_numpy(x), scale.item(), float(shift), bt), out)
+    half, neg_step = 2 ** (bits - 1), scale.item() * 2.0 ** -shift.item()
+    levels = torch.cat([torch.arange(-half, 0) * neg_step, torch.arange(0, half) * scale.item()]).float()
+    assert torch.equal(method.fake_quant(levels, scale, shift, bt), levels)
+    assert len(torch.unique(method.fake_quant(torch.from_numpy(x), scale, shift, bt))) <= 2**bits
+    lo_bound, hi_bound = method.grid_bounds(scale, shift, bt)
+    assert 2 * lo < lo_bound.item() <= lo  # covers GELU's minimum; one more halving of the step would not
+    assert hi_bound.item() == pytest.approx(hi, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_twin_uniform_trades_positive_for_negative_resolution(bits):
+    """On GELU outputs the twin grid makes the negative values' error two to three orders of magnitude
+    smaller than one uniform grid over the same range, and pays with a positive step about twice as wide
+    (half the codes; the positive error about 4x)."""
+    x = torch.nn.functional.gelu(torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3)
+    lo, hi, neg = x.min(), x.max(), x < 0
+    twin, uni = TwinUniformQuantizer(), UniformQuantizer()
+    bt_twin, bt_uni = BitTypeConfig(bits, True, "twin"), BitTypeConfig(bits, False, "uint")
+    twin_err = (twin.fake_quant(x, *twin.qparams(lo, hi, bt_twin), bt_twin) - x).square()
+    uni_err = (uni.fake_quant(x, *uni.qparams(lo, hi, bt_uni), bt_uni) - x).square()
+    assert twin_err[neg].mean() < 0.01 * uni_err[neg].mean()
+    assert 3 < twin_err[~neg].mean() / uni_err[~neg].mean() < 5
+
+
 def test_build_quantizer_lists_valid_names():
-    with pytest.raises(ValueError, match="log2, log_sqrt2, uniform"):
+    with pytest.raises(ValueError, match="log2, log_sqrt2, twin_uniform, uniform"):
         build_quantizer("nope")
 
 

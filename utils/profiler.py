@@ -113,11 +113,13 @@ class HistogramBins:
             cells = max_code + 4
             return cls(-(max_code + 2.5) * step, step / 9, 9 * cells, 9, float(q.scale.max()), (-max_code * step, 0.0))
         scale = q.scale.float()
-        clip_lo = float(((bt.qmin - q.zero_point) * scale).min())
-        clip_hi = float(((bt.qmax - q.zero_point) * scale).max())
-        # Cells of the coarsest step: with per-channel scales (PTF: s * 2^-k) every cell then holds one
-        # coarse level and whole groups of finer ones, instead of a comb of empty bins.
-        step = float(scale.max())
+        grid_lo, grid_hi = q.method.grid_bounds(scale, q.zero_point.float(), bt)
+        clip_lo, clip_hi = float(grid_lo.min()), float(grid_hi.max())
+        # Cells of the coarsest channel's step: with per-channel scales (PTF: s * 2^-k) every cell then
+        # holds one coarse level and whole groups of finer ones, instead of a comb of empty bins. A twin
+        # grid's step is its finer region's: the other's levels are whole multiples of it, so every level
+        # still sits in a cell's middle bin.
+        step = float(q.method.level_step(scale, q.zero_point.float()).max())
         span = clip_hi - clip_lo
         centre = (clip_lo + clip_hi) / 2
         # Twice the clip range, starting half a step below a level (the levels continue beyond the grid).
@@ -343,8 +345,8 @@ class _Profiler:
         if q.scale.dim() == 0 and not isinstance(q.method, Log2Quantizer):
             # Usually nothing saturates: one min/max pass proves it without counting.
             lo, hi = torch.aminmax(x)
-            s, zp = q.scale_value, float(q.zero_point)
-            if float(lo) >= (bt.qmin - zp - 0.5) * s and float(hi) <= (bt.qmax - zp + 0.5) * s:
+            below, above = q.method.grid_bounds(q.scale_value, float(q.zero_point), bt, margin=0.5)
+            if float(lo) >= below and float(hi) <= above:
                 return 0
         scale = q._broadcast(q.scale, x)
         if isinstance(q.method, Log2Quantizer):
@@ -352,8 +354,8 @@ class _Profiler:
             step = q.method.step
             smallest = scale * 2.0 ** (-(Log2Quantizer.max_code(bt) + 0.5) * step)
             return torch.count_nonzero(mag > scale * 2.0 ** (step / 2)) + torch.count_nonzero((mag > 0) & (mag < smallest))
-        zp = q._broadcast(q.zero_point, x)
-        return torch.count_nonzero(x < (bt.qmin - zp - 0.5) * scale) + torch.count_nonzero(x > (bt.qmax - zp + 0.5) * scale)
+        below, above = q.method.grid_bounds(scale, q._broadcast(q.zero_point, x), bt, margin=0.5)
+        return torch.count_nonzero(x < below) + torch.count_nonzero(x > above)
 
     # -- passes --------------------------------------------------------------------------------------
     def _forward_from(self, start: int | str, images: Tensor) -> Tensor:

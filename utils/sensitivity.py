@@ -33,7 +33,7 @@ from utils.data import Batch
 from utils.metrics import classification_metrics
 from utils.profiler import point_name
 
-__all__ = ["KeepFpResult", "block_sensitivity", "evaluate_keep_fp", "fisher_sensitivity"]
+__all__ = ["KeepFpResult", "block_sensitivity", "evaluate_keep_fp", "fisher_sensitivity", "mixed_precision_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,27 @@ def block_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
     result = table.assign(group=group).groupby("group", sort=False)["fisher"].agg(["sum", "max", "count"])
     result = result.rename(columns={"sum": "fisher_sum", "max": "fisher_max", "count": "points"})
     return result.sort_index(key=lambda idx: idx.map(order)).reset_index()
+
+
+def mixed_precision_layers(qvit: QVit, table: pd.DataFrame, keep: int, bits: int) -> dict[str, dict]:
+    """A recipe ``layers`` section promoting the ``keep`` most Fisher-sensitive points that have fewer than
+    ``bits`` bits to ``bits`` (mixed precision: HAWQ's idea, arXiv 1905.03696, with the diagonal-Fisher
+    estimate above in place of the Hessian trace). Points already that wide are passed over, so ``keep``
+    counts real promotions. The recipe's own ``layers`` entries come first and the promotions last, which
+    wins where both name a point."""
+    quantizers = {point_name(path): path for path in qvit.quantizers()}
+    layers = dict(qvit.recipe.layers or {})
+    promoted = 0
+    for name in table.sort_values("rank")["name"]:
+        if promoted == keep:
+            break
+        path = quantizers[name]
+        q = qvit.quantizers()[path]
+        if not q.enabled or q.spec.bit_type.bits >= bits:
+            continue
+        layers[path] = {"bit_type": {"bits": bits}}
+        promoted += 1
+    return layers
 
 
 @dataclass

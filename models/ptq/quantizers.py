@@ -11,8 +11,16 @@
   values, where log2 leaves its largest gap (1 to 1/2). ``2^(-q/2)`` is a shift by ``floor(q/2)`` and,
   for odd q, one multiplication by the constant 1/sqrt(2), so integer hardware still needs no table.
   The scale is the calibrated maximum itself (it folds into the next matmul's requantization).
+* ``twin_uniform`` - PTQ4ViT (arXiv 2111.12293) Sec. 3.1, twin uniform quantization for post-GELU
+  values: one signed ``b``-bit code whose sign picks the region, ``c * s`` for ``c >= 0`` and
+  ``c * s * 2^-m`` for ``c < 0``. GELU's outputs are a long positive tail and a dense negative sliver
+  in [-0.17, 0); one uniform grid spans both and gives the sliver a level or two, the twin grid gives it
+  half the codes at a step ``2^m`` times finer (a shift away from the positive one, so an integer
+  kernel aligns the two regions with one bit shift). ``s`` is the positive half-range over
+  ``2^(b-1) - 1``; ``m`` the largest integer whose negative range ``2^(b-1) * s * 2^-m`` still covers
+  the calibrated minimum. There is no zero point: the ``zero_point`` slot carries ``m``.
 
-Both work per tensor and per channel: ``scale`` / ``zero_point`` are Python floats (the fast path,
+All work per tensor and per channel: ``scale`` / ``zero_point`` are Python floats (the fast path,
 no device synchronisation) or tensors already shaped to broadcast against ``x``.
 """
 from __future__ import annotations
@@ -23,7 +31,7 @@ from torch import Tensor
 
 from quant_config import BitTypeConfig
 
-__all__ = ["QuantMethod", "UniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "QUANTIZERS", "build_quantizer", "SCALE_EPS"]
+__all__ = ["QuantMethod", "UniformQuantizer", "Log2Quantizer", "LogSqrt2Quantizer", "TwinUniformQuantizer", "QUANTIZERS", "build_quantizer", "SCALE_EPS"]
 
 Number = float | Tensor
 
@@ -41,6 +49,14 @@ class QuantMethod:
 
     def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
         raise NotImplementedError
+
+    def grid_bounds(self, scale: Number, zero_point: Number, bit_type: BitTypeConfig, margin: float = 0.0) -> tuple[Number, Number]:
+        """The grid's lowest and highest level, each moved ``margin`` of its own step outwards (uniform grids)."""
+        return (bit_type.qmin - zero_point - margin) * scale, (bit_type.qmax - zero_point + margin) * scale
+
+    def level_step(self, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """The step every level is a whole multiple of (uniform grids: the scale)."""
+        return scale
 
 
 class UniformQuantizer(QuantMethod):
@@ -117,7 +133,38 @@ class LogSqrt2Quantizer(Log2Quantizer):
         return scale, torch.zeros_like(scale)
 
 
-QUANTIZERS: dict[str, type[QuantMethod]] = {"uniform": UniformQuantizer, "log2": Log2Quantizer, "log_sqrt2": LogSqrt2Quantizer}
+class TwinUniformQuantizer(QuantMethod):
+    name = "twin_uniform"
+    MAX_SHIFT = 24  # |m| bound: a tensor with no negative values gets the finest negative step
+
+    def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
+        half = 2 ** (bit_type.bits - 1)
+        scale = (hi.float().clamp(min=0.0) / (half - 1)).clamp_min(SCALE_EPS)
+        neg = (-lo.float()).clamp(min=SCALE_EPS)
+        # Largest m with half * scale * 2^-m >= |lo|.
+        shift = torch.floor(torch.log2(half * scale / neg)).clamp_(-self.MAX_SHIFT, self.MAX_SHIFT)
+        return scale, shift
+
+    def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
+        neg_scale = scale * 2.0 ** (-zero_point) if isinstance(zero_point, float) else scale * torch.exp2(-zero_point)
+        # Each region's expression is exactly 0 on the other's values, so their sum is the twin grid.
+        positive = x.div(scale).round_().clamp_(0.0, bit_type.qmax).mul_(scale)
+        return positive.add_(x.div(neg_scale).round_().clamp_(bit_type.qmin, 0.0).mul_(neg_scale))
+
+    def grid_bounds(self, scale: Number, zero_point: Number, bit_type: BitTypeConfig, margin: float = 0.0) -> tuple[Number, Number]:
+        neg_scale = scale * 2.0 ** (-zero_point) if isinstance(zero_point, float) else scale * torch.exp2(-zero_point)
+        return (bit_type.qmin - margin) * neg_scale, (bit_type.qmax + margin) * scale
+
+    def level_step(self, scale: Tensor, zero_point: Tensor) -> Tensor:
+        return torch.minimum(scale, scale * torch.exp2(-zero_point))
+
+
+QUANTIZERS: dict[str, type[QuantMethod]] = {
+    "uniform": UniformQuantizer,
+    "log2": Log2Quantizer,
+    "log_sqrt2": LogSqrt2Quantizer,
+    "twin_uniform": TwinUniformQuantizer,
+}
 
 
 def build_quantizer(name: str) -> QuantMethod:

@@ -77,6 +77,7 @@ class TensorQuantizer(nn.Module):
         self.kind = kind
         self.static = static
         self.channel_axis = channel_axis
+        self.num_channels = num_channels
         self.name = ""  # module path, set by QVit
         # A user switch (profiler's isolated view, keeping sensitive layers in float); the mode is separate.
         self.enabled = spec is not None
