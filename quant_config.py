@@ -12,6 +12,7 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
 A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
 outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
+``gptq`` (optional) rounds every Linear weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
 ``layers`` (optional) makes per-point exceptions to the kinds - a different observer, quantizer or bit
 width for the points whose path matches a glob, e.g. 8-bit for the most Fisher-sensitive points of a
 4-bit recipe (mixed precision, ``result_analyze.py --mixed-recipe``). Recipes live as YAML files in ``configs/`` and are
@@ -35,6 +36,7 @@ __all__ = [
     "QuantizerSpec",
     "ReparamSpec",
     "ScaleSearchSpec",
+    "GPTQSpec",
     "DEFAULT_RECIPE",
     "CONFIG_DIR",
     "available_recipes",
@@ -198,6 +200,31 @@ class ScaleSearchSpec:
 
 
 @dataclass(frozen=True)
+class GPTQSpec:
+    """GPTQ rounding of every Linear weight onto its calibrated grid (models/ptq/gptq.py).
+
+    ``damp``: fraction of the mean of diag(H) added to H's diagonal; ``act_order``: quantize the
+    columns with the largest inputs first; ``block``: columns per lazy batch update; ``rows``: at most
+    this many input rows (tokens) of each calibration batch go into H.
+    """
+
+    damp: float = 0.01
+    act_order: bool = True
+    block: int = 128
+    rows: int = 2048
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 < self.damp <= 1.0:
+            raise ConfigError(f"{where}.damp must be a number in (0, 1], got {self.damp!r}")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"{where}.act_order must be true or false, got {self.act_order!r}")
+        for key, lo, hi in (("block", 1, 65536), ("rows", 16, 10**7)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{where}.{key} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
 
@@ -211,6 +238,7 @@ class QuantRecipe:
     integer_softmax: bool = False
     reparam: ReparamSpec | None = None
     scale_search: ScaleSearchSpec | None = None
+    gptq: GPTQSpec | None = None
     # Per-point exceptions, in order: a glob over quantizer paths (``blocks.*.mlp.fc2.input_quant``) ->
     # spec fields replacing those of the point's kind (``{bit_type: {bits: 8}}``), or null for float.
     # Checked against the model by :func:`layer_specs` (every pattern must match a point).
@@ -237,6 +265,10 @@ class QuantRecipe:
             self.scale_search.validate(f"{where}.scale_search")
             if self.activation is None and self.attention is None:
                 raise ConfigError(f"{where}: scale_search needs the activation or attention kind quantized")
+        if self.gptq is not None:
+            self.gptq.validate(f"{where}.gptq")
+            if self.weight is None:
+                raise ConfigError(f"{where}: gptq rounds the quantized weights; the weight kind is null")
         if self.layers is not None:
             if not isinstance(self.layers, Mapping) or not self.layers:
                 raise ConfigError(f"{where}.layers must be a non-empty mapping of quantizer-path patterns to spec fields or null")
@@ -338,7 +370,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
     data = dict(data)
     kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
     sections = {}
-    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec)):
+    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec), ("gptq", GPTQSpec)):
         value = data.pop(key, None)
         sections[key] = None if value is None else _build_dataclass(cls, value, f"{where}.{key}")
     recipe = _build_dataclass(QuantRecipe, data, where)

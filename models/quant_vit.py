@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import time
 from typing import Iterator
 
 import torch
@@ -44,6 +45,7 @@ from timm.layers import LayerNorm as TimmLayerNorm, LayerScale, PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
 from models.ptq.observers import distributed
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
@@ -204,9 +206,34 @@ class QVit(nn.Module):
         if not ranges_fixed:
             for quantizer in self.quantizers().values():
                 quantizer.reset_observer()
-        with self._mode(QuantMode.CALIBRATE):
+        gptq = self.recipe.gptq
+        hessians = collect_hessians(self.gptq_linears(), gptq.rows) if gptq is not None else contextlib.nullcontext()
+        with self._mode(QuantMode.CALIBRATE), hessians as collector:
             yield self
         self.finalize_calibration()
+        if collector is not None:
+            self._round_weights(collector)
+
+    def gptq_linears(self) -> dict[str, QuantLinear]:
+        """The Linears whose weights the recipe's ``gptq`` rounds (every one with a quantized weight)."""
+        if self.recipe.gptq is None:
+            return {}
+        return {
+            name: m for name, m in self.model.named_modules()
+            if isinstance(m, QuantLinear) and m.weight_quant.spec is not None and m.weight_quant.enabled
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def _round_weights(self, collector: HessianCollector) -> None:
+        collector.synchronize()
+        start = time.perf_counter()
+        for name, module in self.gptq_linears().items():
+            hessian = collector.hessians.get(name)
+            if hessian is None or not module.weight_quant.is_calibrated:
+                log.warning("gptq: %s saw no calibration input; its weight is rounded to nearest", name)
+                continue
+            module.weight_quant.set_rounded(gptq_quantize(module.weight, hessian, module.weight_quant, self.recipe.gptq))
+        log.info("gptq: rounded %d weights in %.1f s", len(collector.hessians), time.perf_counter() - start)
 
     @contextlib.contextmanager
     def searching_scales(self) -> Iterator["QVit"]:

@@ -162,7 +162,7 @@ def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_finge
 
 
 def _quantizer_keys(qvit: QVit) -> set[str]:
-    """The ``state_dict`` keys of the quantizer buffers (scale, zero point, calibrated flag)."""
+    """The ``state_dict`` keys of the quantizer buffers (scale, zero point, calibrated flag; a weight's GPTQ rounding where set)."""
     return {f"model.{name}.{buffer}" for name, q in qvit.quantizers().items() for buffer, _ in q.named_buffers()}
 
 
@@ -195,7 +195,9 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise UserError(f"calibrated file {path}: cannot replay its reparameterization ({exc})") from None
     state = record["quantizers"]
-    if set(state) != _quantizer_keys(qvit):
+    rounded = {key for key in state if key.endswith(".rounded")}  # GPTQ's weights, where it ran
+    gptq_keys = {f"model.{name}.weight_quant.rounded" for name in qvit.gptq_linears()}
+    if set(state) - rounded != _quantizer_keys(qvit) - gptq_keys or rounded != gptq_keys:
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
     qvit.load_state_dict(state, strict=False)
     if not qvit.is_calibrated:

@@ -92,6 +92,8 @@ def qdq_hooks(qvit: QVit, plan: list[ExportPoint]) -> Iterator[None]:
 
     def hook(point: ExportPoint):
         def qdq(module: TensorQuantizer, args: tuple, output: Tensor) -> Tensor:
+            if module.rounded is not None:
+                output = module.rounded.to(output.dtype)  # GPTQ's weight, already on the grid: Q/DQ keeps it
             if point.axis is None:
                 return torch.fake_quantize_per_tensor_affine(output, float(point.scale), 0, INT8_MIN, INT8_MAX)
             scale = point.scale.to(output.device)

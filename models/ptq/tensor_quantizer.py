@@ -86,6 +86,9 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape, device=device))
         self.register_buffer("zero_point", torch.zeros(shape, device=device))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        # A weight's quantized value when a rounding search (GPTQ) chose it instead of round-to-nearest;
+        # None (and absent from the state dict) otherwise.
+        self.register_buffer("rounded", None)
         self._ready = False  # mirror of `calibrated` that needs no device sync
         self._static_seen = False  # a weight's range was recorded in the range pass
         self._cache: tuple[Any, Tensor] | None = None
@@ -186,6 +189,7 @@ class TensorQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self._ready = True
         self._cache = self._args_key = None
+        self.rounded = None  # chosen on the previous grid
         self.reset_observer()  # the statistics are no longer needed; free them
         return True
 
@@ -195,7 +199,18 @@ class TensorQuantizer(nn.Module):
         self.scale.mul_(ratio)
         self._cache = self._args_key = None  # inference-mode buffers carry no version to notice the change
 
+    @torch.no_grad()
+    def set_rounded(self, value: Tensor) -> None:
+        """Use ``value`` (already on this weight's grid) as the quantized weight instead of rounding to nearest."""
+        if not self.static:
+            raise RuntimeError(f"quantizer {self.name or '?'} is not a weight's: only weights keep a rounded value")
+        self.rounded = value.detach().clone()
+        self._cache = None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # The rounded weight is a buffer only where a rounding search set it: follow the file.
+        key = prefix + "rounded"
+        self.rounded = torch.empty_like(state_dict[key], device=self.scale.device) if key in state_dict else None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.calibrated)
         self._cache = self._args_key = None
@@ -229,7 +244,12 @@ class TensorQuantizer(nn.Module):
         return self._scale_float
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks)."""
+        """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks); a weight with a
+        rounded value (GPTQ) gives that value, which is ``x`` quantized by the rounding search."""
+        if self.rounded is not None:
+            if self.rounded.shape != x.shape:
+                raise RuntimeError(f"quantizer {self.name or '?'}: its rounded weight is {tuple(self.rounded.shape)}, got {tuple(x.shape)}")
+            return self.rounded.to(x.dtype)
         self._refresh_args()
         scale = self._scale_float if self._scale_float is not None else self._broadcast(self.scale, x)
         zero_point = self._zp_float if self._zp_float is not None else self._broadcast(self.zero_point, x)
