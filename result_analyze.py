@@ -195,7 +195,9 @@ def write_mixed_recipe(qvit, recipe, table, args: argparse.Namespace, folder: Pa
     layers = mixed_precision_layers(qvit, table, args.mixed_recipe, args.mixed_bits)
     promoted = [path for path in layers if path not in (recipe.layers or {})]
     name = f"{recipe.name}_mp{len(promoted)}x{args.mixed_bits}"
-    data = dataclasses.replace(recipe, name=name, layers=layers or None).to_dict()
+    description = (f"{recipe.name} as calibrated in the analysed run (its --set overrides included), its {len(promoted)} most "
+                   f"Fisher-sensitive points below {args.mixed_bits} bits promoted to {args.mixed_bits} bits")
+    data = dataclasses.replace(recipe, name=name, description=description, layers=layers or None).to_dict()
     recipe_from_dict(data, where=name)  # the file written must load
     path = free_name(folder, f"mixed_{stamp}", ".yaml", stamp)
     header = (

@@ -98,11 +98,22 @@ def test_round_trip_through_dict():
 
 
 def test_beyond_fqvit_recipes_stay_fully_quantized():
-    for name in ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8"):
+    from conftest import make_tiny_vit
+    from models.ptq.tensor_quantizer import TensorQuantizer
+    from models.quant_vit import QVit
+
+    plus = ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8", "fqvit_plus_w4a8", "fqvit_plus_w4a8_mp")
+    for name in plus:
         recipe = load_recipe(name)
-        # Every kind quantized: weights, activations, the residual stream at the LayerNorms, the attention map.
+        # Every kind quantized: weights, activations, the residual stream at the LayerNorms, the attention map,
+        # and no per-point exception sends a point back to float.
         assert all(getattr(recipe, kind) is not None for kind in ("weight", "activation", "layernorm_input", "attention"))
         assert recipe.layernorm_input.power_of_two_factor
+        points = {n: m for n, m in QVit(make_tiny_vit(), recipe).model.named_modules() if isinstance(m, TensorQuantizer)}
+        floats = [n for n, q in points.items() if q.spec is None and not (n.endswith("softmax.input_quant") and not recipe.integer_softmax)]
+        assert not floats, (name, floats)
+    for name in plus[:3]:
+        recipe = load_recipe(name)
         assert recipe.reparam is not None and recipe.scale_search is not None and recipe.scale_search.metric == "fisher"
     assert load_recipe("fqvit_plus_w8a8").integer_softmax
     w6 = load_recipe("fqvit_plus_w6a6_r8")
@@ -110,6 +121,13 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
+    assert full6.layers == w6.layers == {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
+    w4, w4mp = load_recipe("fqvit_plus_w4a8"), load_recipe("fqvit_plus_w4a8_mp")
+    assert w4.weight.bit_type.bits == 4 and w4.gptq is not None and w4.activation.bit_type.bits == 8
+    assert (w4.weight, w4.activation, w4.gptq) == (w4mp.weight, w4mp.activation, w4mp.gptq)
+    bits = {n: q.spec.bit_type.bits for n, q in QVit(make_tiny_vit(), w4mp).quantizers().items() if q.kind == "weight"}
+    assert {n for n, b in bits.items() if b == 8} == {"patch_embed.proj.weight_quant", *(f"blocks.0.{m}.weight_quant" for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))}
+    assert set(bits.values()) == {4, 8}
 
 
 def test_layers_section_is_checked_at_load():
