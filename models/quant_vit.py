@@ -117,7 +117,7 @@ class QVit(nn.Module):
             if not names:
                 raise ConfigError(
                     f"{self.recipe.name}.layers: pattern {pattern!r} matches no quantization point of this model "
-                    f"(paths look like {next(n for n in points if n.endswith('fc2.input_quant'))!r})"
+                    f"(paths look like {next((n for n in points if n.endswith('fc2.input_quant')), next(iter(points)))!r})"
                 )
             chosen.update(dict.fromkeys(names, pattern))
         for name, pattern in chosen.items():
@@ -193,7 +193,8 @@ class QVit(nn.Module):
 
     @contextlib.contextmanager
     def calibrating(self) -> Iterator["QVit"]:
-        """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point.
+        """Observe FP32 activations; on a clean exit every quantizer computes its scale and zero point
+        (and, with the recipe's ``gptq``, every Linear/Conv weight is rounded from the inputs seen here).
 
         Alone, histograms grow their range as the data comes (re-binning); after :meth:`observing_ranges`
         they count into its fixed bins, which distributed calibration requires.
@@ -207,33 +208,39 @@ class QVit(nn.Module):
             for quantizer in self.quantizers().values():
                 quantizer.reset_observer()
         gptq = self.recipe.gptq
-        hessians = collect_hessians(self.gptq_linears(), gptq.rows) if gptq is not None else contextlib.nullcontext()
+        hessians = collect_hessians(self.gptq_layers(), gptq.rows) if gptq is not None else contextlib.nullcontext()
         with self._mode(QuantMode.CALIBRATE), hessians as collector:
             yield self
         self.finalize_calibration()
         if collector is not None:
             self._round_weights(collector)
 
-    def gptq_linears(self) -> dict[str, QuantLinear]:
-        """The Linears whose weights the recipe's ``gptq`` rounds (every one with a quantized weight)."""
+    def gptq_layers(self) -> dict[str, QuantLinear | QuantConv2d]:
+        """The layers whose weights the recipe's ``gptq`` rounds: every Linear and (ungrouped) convolution
+        with a quantized weight."""
         if self.recipe.gptq is None:
             return {}
         return {
             name: m for name, m in self.model.named_modules()
-            if isinstance(m, QuantLinear) and m.weight_quant.spec is not None and m.weight_quant.enabled
+            if isinstance(m, (QuantLinear, QuantConv2d)) and getattr(m, "groups", 1) == 1
+            and m.weight_quant.spec is not None and m.weight_quant.enabled
         }  # fmt: skip
 
     @torch.no_grad()
     def _round_weights(self, collector: HessianCollector) -> None:
         collector.synchronize()
         start = time.perf_counter()
-        for name, module in self.gptq_linears().items():
-            hessian = collector.hessians.get(name)
-            if hessian is None or not module.weight_quant.is_calibrated:
-                log.warning("gptq: %s saw no calibration input; its weight is rounded to nearest", name)
+        layers = self.gptq_layers()
+        for name, module in layers.items():
+            quantizer, hessian = module.weight_quant, collector.hessians.get(name)
+            if not quantizer.is_calibrated:
                 continue
-            module.weight_quant.set_rounded(gptq_quantize(module.weight, hessian, module.weight_quant, self.recipe.gptq))
-        log.info("gptq: rounded %d weights in %.1f s", len(collector.hessians), time.perf_counter() - start)
+            if hessian is None:
+                log.warning("gptq: %s saw no calibration input; its weight is rounded to nearest", name)
+                quantizer.set_rounded(quantizer.fake_quant(module.weight))  # still saved, so the file loads
+                continue
+            quantizer.set_rounded(gptq_quantize(module.weight, hessian, quantizer, self.recipe.gptq))
+        log.info("gptq: rounded %d weights in %.1f s", len(layers), time.perf_counter() - start)
 
     @contextlib.contextmanager
     def searching_scales(self) -> Iterator["QVit"]:

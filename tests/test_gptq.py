@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import calibrated, make_tiny_vit, tiny_images
-from models.ptq.gptq import gptq_quantize
+from models.ptq.gptq import collect_hessians, gptq_quantize, input_rows
 from models.ptq.layers import QuantLinear
 from models.ptq.tensor_quantizer import QuantState, TensorQuantizer
 from models.quant_vit import QVit
@@ -76,6 +76,27 @@ def test_gptq_output_error_is_below_round_to_nearest(bits):
     assert (W - Q).square().sum() > (W - rtn).square().sum()  # it is the output, not the weights, that improves
 
 
+def test_a_patch_convolution_is_rounded_as_the_linear_on_its_patches():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    images = torch.randn(6, 3, 16, 16)
+    rows = input_rows(conv, images)
+    assert rows.shape == (6 * 16, 48)
+    out = conv(images).flatten(2).transpose(1, 2).reshape(-1, 8)
+    torch.testing.assert_close(rows @ conv.weight.reshape(8, -1).T + conv.bias, out, rtol=1e-5, atol=1e-5)
+    with collect_hessians({"conv": conv}, rows=10_000) as collector:
+        conv(images)
+    torch.testing.assert_close(collector.hessians["conv"], rows.T @ rows, rtol=1e-5, atol=1e-4)
+    spec = QuantizerSpec(bit_type=BitTypeConfig(4, True, "int4"), calibration_mode="channel_wise")
+    q = TensorQuantizer(spec, QuantState(), num_channels=8, channel_axis=0, static=True)
+    q.observer.update(conv.weight.detach())
+    q.finalize()
+    rounded = gptq_quantize(conv.weight, collector.hessians["conv"], q, GPTQSpec())
+    assert rounded.shape == conv.weight.shape
+    flat = gptq_quantize(conv.weight.detach().reshape(8, -1), rows.T @ rows, q, GPTQSpec())
+    assert (rounded.reshape(8, -1) != flat).float().mean() < 0.01
+
+
 def test_dead_inputs_are_ignored():
     X, W, q = setup(4)
     X[:, 3] = 0.0
@@ -90,15 +111,15 @@ def gptq_recipe(**extra):
 def test_qvit_rounds_every_linear_weight_and_lowers_the_output_error():
     qvit = calibrated("fqvit_w8a8_att8", **gptq_recipe())
     plain = calibrated("fqvit_w8a8_att8", **{"weight.bit_type.bits": 4})
-    linears = qvit.gptq_linears()
-    assert len(linears) == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
+    linears = qvit.gptq_layers()
+    assert len(linears) == 2 * 4 + 2  # qkv, proj, fc1, fc2 per block, the head and the patch embedding
     for name, module in linears.items():
         q = module.weight_quant
         assert q.rounded is not None and torch.equal(q(module.weight.detach()), q.rounded)
         other = dict(plain.model.named_modules())[name].weight_quant
         assert torch.equal(q.scale, other.scale)  # same grid, other levels
         assert not torch.equal(q.rounded, other(module.weight.detach()))
-    assert not any(q.rounded is not None for n, q in qvit.quantizers().items() if not n.endswith("weight_quant") or "patch_embed" in n)
+    assert not any(q.rounded is not None for n, q in qvit.quantizers().items() if not n.endswith("weight_quant"))
     x = tiny_images(16, seed=5)
     with qvit.fp32():
         ref = qvit(x)
@@ -146,7 +167,7 @@ def test_onnx_export_carries_the_gptq_weights():
     qvit = calibrated("trt_int8", gptq={})
     plan = export_plan(qvit)
     with torch.no_grad(), qdq_hooks(qvit, plan):
-        for module in qvit.gptq_linears().values():
+        for module in qvit.gptq_layers().values():
             exported = module.weight_quant(module.weight)
             assert torch.allclose(exported, module.weight_quant.rounded, atol=1e-7)
             assert not torch.allclose(exported, module.weight)

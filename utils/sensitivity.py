@@ -121,14 +121,13 @@ def mixed_precision_layers(qvit: QVit, table: pd.DataFrame, keep: int, bits: int
     estimate above in place of the Hessian trace). Points already that wide are passed over, so ``keep``
     counts real promotions. The recipe's own ``layers`` entries come first and the promotions last, which
     wins where both name a point."""
-    quantizers = {point_name(path): path for path in qvit.quantizers()}
+    quantizers = {point_name(path): (path, q) for path, q in qvit.quantizers().items()}
     layers = dict(qvit.recipe.layers or {})
     promoted = 0
     for name in table.sort_values("rank")["name"]:
         if promoted == keep:
             break
-        path = quantizers[name]
-        q = qvit.quantizers()[path]
+        path, q = quantizers[name]
         if not q.enabled or q.spec.bit_type.bits >= bits:
             continue
         layers[path] = {"bit_type": {"bits": bits}}

@@ -19,7 +19,8 @@ diagonal so that ``H`` is safely invertible with few tokens.
 The grid is the weight quantizer's own, calibrated before (per output channel scales from its
 observer): GPTQ picks which level each weight takes, not the levels. Here ``X`` are the FP32
 inputs seen in the calibration pass (one pass for all layers, so ``torchrun`` only sums ``H``);
-the paper feeds each layer the outputs of the layers quantized before it.
+the paper feeds each layer the outputs of the layers quantized before it. The patch embedding's
+convolution (kernel = stride) is a Linear on the unfolded patches and is rounded the same way.
 """
 from __future__ import annotations
 
@@ -28,33 +29,41 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.ptq.observers import all_reduce_
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import GPTQSpec
 
-__all__ = ["HessianCollector", "collect_hessians", "gptq_quantize"]
+__all__ = ["HessianCollector", "collect_hessians", "gptq_quantize", "input_rows"]
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as the rows its weight, flattened to (out, in), multiplies: a Linear's tokens, or
+    a convolution's unfolded patches (the ViT patch embedding: kernel = stride, so one row per patch)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 class HessianCollector:
-    """``H = sum x x^T`` of every hooked Linear's input rows (at most ``rows`` per batch, evenly strided)."""
+    """``H = sum x x^T`` of every hooked layer's input rows (at most ``rows`` per batch, evenly strided)."""
 
-    def __init__(self, linears: dict[str, nn.Linear], rows: int) -> None:
+    def __init__(self, layers: dict[str, nn.Module], rows: int) -> None:
         self.rows = rows
         self.hessians: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = dict.fromkeys(linears, 0)
-        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items()]
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
 
     def _hook(self, name: str):
-        def hook(module: nn.Linear, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, module.in_features)
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = input_rows(module, args[0].detach())
             x = x[:: max(1, math.ceil(x.shape[0] / self.rows))].float()
             h = self.hessians.get(name)
             if h is None:
-                h = self.hessians[name] = torch.zeros(module.in_features, module.in_features, device=x.device)
+                h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             h.addmm_(x.T, x)
-            self.counts[name] += x.shape[0]
 
         return hook
 
@@ -70,8 +79,8 @@ class HessianCollector:
 
 
 @contextlib.contextmanager
-def collect_hessians(linears: dict[str, nn.Linear], rows: int) -> Iterator[HessianCollector]:
-    collector = HessianCollector(linears, rows)
+def collect_hessians(layers: dict[str, nn.Module], rows: int) -> Iterator[HessianCollector]:
+    collector = HessianCollector(layers, rows)
     try:
         yield collector
     finally:
@@ -80,8 +89,9 @@ def collect_hessians(linears: dict[str, nn.Linear], rows: int) -> Iterator[Hessi
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: TensorQuantizer, spec: GPTQSpec) -> Tensor:
-    """The weight (out, in) rounded by GPTQ onto ``quantizer``'s calibrated grid (per output row or per tensor)."""
-    W = weight.detach().float().clone()
+    """The weight rounded by GPTQ onto ``quantizer``'s calibrated grid (per output channel or per tensor);
+    a convolution's (out, in, kh, kw) is rounded as its (out, in * kh * kw) matrix."""
+    W = weight.detach().float().reshape(weight.shape[0], -1).clone()
     H = hessian.detach().float().clone()
     columns = W.shape[1]
     dead = torch.diagonal(H) == 0  # inputs that were always 0: their weights do not matter
@@ -110,4 +120,4 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: TensorQuantizer, s
             block[:, i:] -= err[:, None] * U[start + i, start + i : end][None, :]
             errors[:, i] = err
         W[:, end:] -= errors @ U[start:end, end:]  # the block's errors onto every later column at once
-    return Q[:, torch.argsort(order)].to(weight.dtype)
+    return Q[:, torch.argsort(order)].reshape(weight.shape).to(weight.dtype)
