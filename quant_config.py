@@ -12,7 +12,7 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
 A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
 outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
-``gptq`` (optional) rounds every Linear weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
+``gptq`` (optional) rounds every Linear and patch-embedding weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
 ``layers`` (optional) makes per-point exceptions to the kinds - a different observer, quantizer or bit
 width for the points whose path matches a glob, e.g. 8-bit for the most Fisher-sensitive points of a
 4-bit recipe (mixed precision, ``result_analyze.py --mixed-recipe``). Recipes live as YAML files in ``configs/`` and are
@@ -201,7 +201,7 @@ class ScaleSearchSpec:
 
 @dataclass(frozen=True)
 class GPTQSpec:
-    """GPTQ rounding of every Linear weight onto its calibrated grid (models/ptq/gptq.py).
+    """GPTQ rounding of every Linear and patch-embedding weight onto its calibrated grid (models/ptq/gptq.py).
 
     ``damp``: fraction of the mean of diag(H) added to H's diagonal; ``act_order``: quantize the
     columns with the largest inputs first; ``block``: columns per lazy batch update; ``rows``: at most
@@ -241,7 +241,7 @@ class QuantRecipe:
     gptq: GPTQSpec | None = None
     # Per-point exceptions, in order: a glob over quantizer paths (``blocks.*.mlp.fc2.input_quant``) ->
     # spec fields replacing those of the point's kind (``{bit_type: {bits: 8}}``), or null for float.
-    # Checked against the model by :func:`layer_specs` (every pattern must match a point).
+    # Checked against the model when QVit applies them (every pattern must match a point).
     layers: dict[str, Any] | None = None
 
     def validate(self, where: str = "recipe") -> "QuantRecipe":

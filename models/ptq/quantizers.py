@@ -145,18 +145,22 @@ class TwinUniformQuantizer(QuantMethod):
         shift = torch.floor(torch.log2(half * scale / neg)).clamp_(-self.MAX_SHIFT, self.MAX_SHIFT)
         return scale, shift
 
+    @staticmethod
+    def negative_step(scale: Number, shift: Number) -> Number:
+        """The negative region's step ``scale * 2^-m`` (``m`` is carried in the zero-point slot)."""
+        return scale * 2.0 ** (-shift) if isinstance(shift, float) else scale * torch.exp2(-shift)
+
     def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
-        neg_scale = scale * 2.0 ** (-zero_point) if isinstance(zero_point, float) else scale * torch.exp2(-zero_point)
+        neg_scale = self.negative_step(scale, zero_point)
         # Each region's expression is exactly 0 on the other's values, so their sum is the twin grid.
         positive = x.div(scale).round_().clamp_(0.0, bit_type.qmax).mul_(scale)
         return positive.add_(x.div(neg_scale).round_().clamp_(bit_type.qmin, 0.0).mul_(neg_scale))
 
     def grid_bounds(self, scale: Number, zero_point: Number, bit_type: BitTypeConfig, margin: float = 0.0) -> tuple[Number, Number]:
-        neg_scale = scale * 2.0 ** (-zero_point) if isinstance(zero_point, float) else scale * torch.exp2(-zero_point)
-        return (bit_type.qmin - margin) * neg_scale, (bit_type.qmax + margin) * scale
+        return (bit_type.qmin - margin) * self.negative_step(scale, zero_point), (bit_type.qmax + margin) * scale
 
     def level_step(self, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return torch.minimum(scale, scale * torch.exp2(-zero_point))
+        return torch.minimum(scale, self.negative_step(scale, zero_point))
 
 
 QUANTIZERS: dict[str, type[QuantMethod]] = {
