@@ -201,6 +201,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         (lambda d, t: ["--data", d, "--observer", "median"], "unknown observer 'median'; valid: kl, minmax, omse, percentile"),
         (lambda d, t: ["--data", d, "--set", "activation.obsrver=kl"], "unknown key 'activation.obsrver'"),
         (lambda d, t: ["--data", d, "--set", "attention.bit_type.bits=1"], "bits must be an integer from 2 to 16"),
+        (lambda d, t: ["--data", d, "--set", "gptq={damp: 2}"], "gptq.damp must be a number in"),
         (lambda d, t: ["--data", d, "--model", "vit_base_patch16_2244"], "unknown model 'vit_base_patch16_2244'; did you mean"),
         (lambda d, t: ["--data", d, "--checkpoint", t / "none.pth"], "none.pth: no such file"),
         (lambda d, t: ["--data", d, "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
@@ -217,6 +218,20 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
 def test_bad_arguments(data, tmp_path, make_args, pattern):
     log = tmp_path / "log"
     assert_user_error(run_cli(*make_args(data, tmp_path), "--log-dir", log, "--no-progress"), log, pattern)
+
+
+@pytest.mark.parametrize(
+    "layers,pattern",
+    [
+        ('{"blocks.*.mlp.fc3.input_quant": null}', r"layers: pattern 'blocks.\*.mlp.fc3.input_quant' matches no quantization point"),
+        ('{"*fc2.input_quant": {quantizer: twin_uniform}}', r"layers\['\*fc2.input_quant'\]: the twin_uniform quantizer uses signed codes"),
+        ('{"*.norm1.input_quant": {power_of_two_factor: true, calibration_mode: layer_wise}}', "power_of_two_factor needs calibration_mode: channel_wise"),
+    ],
+)
+def test_layers_that_do_not_fit_the_model_are_refused(tmp_path, layers, pattern):
+    """Checked when the model's points are known (the demo model: no data or weights needed)."""
+    log = tmp_path / "log"
+    assert_user_error(run_cli("--demo", "--set", f"layers={layers}", "--log-dir", log, "--no-progress"), log, pattern)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
