@@ -103,13 +103,14 @@ def timed_pairs(first, second, iters: int) -> tuple[float, float, float]:
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
-@torch.inference_mode()
 def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iters: int, checkpoint: Path | None, device: torch.device) -> list[dict]:
     rows = []
     x = xs[0]
     fused = create_model(model_name, pretrained=False).eval().to(device)
-    t_fused = timed(lambda: fused(x), iters)
+    with torch.inference_mode():
+        t_fused = timed(lambda: fused(x), iters)
     for name in recipes:
+        # Built outside inference mode: a recipe's Fisher scale search back-propagates through the weights.
         qvit = build(model_name, load_recipe(name), checkpoint).to(device)
         calibrate(qvit, [(cx, None, 0) for cx in xs[:2]], device, progress=False)
 
@@ -117,7 +118,8 @@ def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iter
             with qvit.fp32():
                 qvit(x)
 
-        t_fp32, t_int8, ratio = timed_pairs(fp32, lambda qvit=qvit: qvit(x), iters)
+        with torch.inference_mode():
+            t_fp32, t_int8, ratio = timed_pairs(fp32, lambda qvit=qvit: qvit(x), iters)
         rows.append(dict(model=model_name, recipe=name, fused=len(x) / t_fused, fp32=len(x) / t_fp32, int8=len(x) / t_int8, ratio=ratio))
     return rows
 

@@ -254,6 +254,9 @@ class QVit(nn.Module):
             raise RuntimeError("searching_scales() refines calibrated scales: calibrate first")
         gradients = contextlib.ExitStack()
         if spec.metric == "fisher":
+            if any(p.is_inference() for p in self.model.parameters()):
+                # Autograd cannot save inference tensors for the backward pass.
+                raise RuntimeError("the fisher scale search back-propagates through the model: create the model outside torch.inference_mode")
             gradients.enter_context(torch.inference_mode(False))
             gradients.enter_context(torch.enable_grad())
         with self._mode(QuantMode.FP32), search_scales(self.model, spec) as search:

@@ -183,3 +183,11 @@ def test_search_uses_only_the_first_images():
     hook.remove()
     assert result.images == 24  # calibration proper saw every image
     assert len(seen) == 3 + 1  # the calibration pass's 3 batches, then one search batch of 8
+
+
+def test_fisher_search_on_a_model_built_in_inference_mode_says_why_it_cannot():
+    with torch.inference_mode():
+        model = make_tiny_vit()
+    qvit = QVit(model, load_recipe("fqvit_w8a8_att8", {"scale_search": {}}))
+    with pytest.raises(RuntimeError, match="create the model outside torch.inference_mode"):
+        calibrate(qvit, [(tiny_images(8, seed=10), None, 0)], torch.device("cpu"), progress=False)
