@@ -136,6 +136,8 @@ class QuantizerSpec:
             )
         if self.quantizer in ("log2", "log_sqrt2") and self.calibration_mode == "channel_wise":
             raise ConfigError(f"{where}: the {self.quantizer} quantizer has one scale per tensor; use calibration_mode: layer_wise")
+        if kind == "weight" and self.quantizer != "uniform":
+            raise ConfigError(f"{where}.quantizer must be uniform")
         if self.quantizer == "twin_uniform":
             if not self.bit_type.symmetric:
                 raise ConfigError(f"{where}: the twin_uniform quantizer uses signed codes (the sign picks the region); set bit_type.symmetric: true")
@@ -253,8 +255,6 @@ class QuantRecipe:
             spec = getattr(self, kind)
             if spec is not None:
                 spec.validate(f"{where}.{kind}", kind)
-        if self.weight is not None and self.weight.quantizer != "uniform":
-            raise ConfigError(f"{where}.weight.quantizer must be uniform")
         if self.integer_softmax and self.activation is None:
             raise ConfigError(f"{where}: integer_softmax needs the activation kind quantized (it runs on the integer scores)")
         if self.reparam is not None:
@@ -287,8 +287,6 @@ class QuantRecipe:
         base = getattr(self, kind) or QuantizerSpec()
         spec = _merge_spec(base, fields_, where)
         spec.validate(where, kind)
-        if kind == "weight" and spec.quantizer != "uniform":
-            raise ConfigError(f"{where}.quantizer must be uniform for a weight")
         return spec
 
     def to_dict(self) -> dict[str, Any]:

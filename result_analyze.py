@@ -192,8 +192,7 @@ def write_mixed_recipe(qvit, recipe, table, args: argparse.Namespace, folder: Pa
     from utils.run_dir import write_text_atomic
     from utils.sensitivity import mixed_precision_layers
 
-    layers = mixed_precision_layers(qvit, table, args.mixed_recipe, args.mixed_bits)
-    promoted = [path for path in layers if path not in (recipe.layers or {})]
+    layers, promoted = mixed_precision_layers(qvit, table, args.mixed_recipe, args.mixed_bits)
     name = f"{recipe.name}_mp{len(promoted)}x{args.mixed_bits}"
     description = (f"{recipe.name} as calibrated in the analysed run (its --set overrides included), its {len(promoted)} most "
                    f"Fisher-sensitive points below {args.mixed_bits} bits promoted to {args.mixed_bits} bits")

@@ -195,9 +195,8 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise UserError(f"calibrated file {path}: cannot replay its reparameterization ({exc})") from None
     state = record["quantizers"]
-    rounded = {key for key in state if key.endswith(".rounded")}  # GPTQ's weights, where it ran
-    gptq_keys = {f"model.{name}.weight_quant.rounded" for name in qvit.gptq_layers()}
-    if set(state) - rounded != _quantizer_keys(qvit) - gptq_keys or rounded != gptq_keys:
+    gptq_keys = {f"model.{name}.weight_quant.rounded" for name in qvit.gptq_layers()}  # GPTQ's rounded weights
+    if set(state) != _quantizer_keys(qvit) | gptq_keys:
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
     qvit.load_state_dict(state, strict=False)
     if not qvit.is_calibrated:

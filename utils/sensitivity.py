@@ -115,24 +115,24 @@ def block_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
     return result.sort_index(key=lambda idx: idx.map(order)).reset_index()
 
 
-def mixed_precision_layers(qvit: QVit, table: pd.DataFrame, keep: int, bits: int) -> dict[str, dict]:
+def mixed_precision_layers(qvit: QVit, table: pd.DataFrame, keep: int, bits: int) -> tuple[dict[str, dict], list[str]]:
     """A recipe ``layers`` section promoting the ``keep`` most Fisher-sensitive points that have fewer than
     ``bits`` bits to ``bits`` (mixed precision: HAWQ's idea, arXiv 1905.03696, with the diagonal-Fisher
     estimate above in place of the Hessian trace). Points already that wide are passed over, so ``keep``
     counts real promotions. The recipe's own ``layers`` entries come first and the promotions last, which
-    wins where both name a point."""
+    wins where both name a point. Returns the section and the promoted quantizer paths."""
     quantizers = {point_name(path): (path, q) for path, q in qvit.quantizers().items()}
     layers = dict(qvit.recipe.layers or {})
-    promoted = 0
+    promoted: list[str] = []
     for name in table.sort_values("rank")["name"]:
-        if promoted == keep:
+        if len(promoted) == keep:
             break
         path, q = quantizers[name]
         if not q.enabled or q.spec.bit_type.bits >= bits:
             continue
         layers[path] = {"bit_type": {"bits": bits}}
-        promoted += 1
-    return layers
+        promoted.append(path)
+    return layers, promoted
 
 
 @dataclass

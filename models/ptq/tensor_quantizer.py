@@ -246,7 +246,7 @@ class TensorQuantizer(nn.Module):
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks); a weight with a
         rounded value (GPTQ) gives that value, which is ``x`` quantized by the rounding search."""
-        if self.rounded is not None:
+        if self.static and self.rounded is not None:
             if self.rounded.shape != x.shape:
                 raise RuntimeError(f"quantizer {self.name or '?'}: its rounded weight is {tuple(self.rounded.shape)}, got {tuple(x.shape)}")
             return self.rounded.to(x.dtype)
