@@ -1,20 +1,28 @@
 #!/usr/bin/env python
-"""Deployable INT8: export a calibrated QVit to ONNX with Q/DQ, simplify, verify with ONNX Runtime, then TensorRT.
+"""Deployable INT8: export a calibrated QVit to ONNX with Q/DQ and int8 weights, simplify, verify and
+benchmark in the CPU runtimes (ONNX Runtime, OpenVINO), then build TensorRT engines.
 
     python convert_tensorrt.py --model deit_tiny_patch16_224 --checkpoint W.pth --calibrated RUN/calibrated.pt \\
-        [--batch 1,32] [--onnx-only] [--fp16-engine] [--out export/] [--val-dir DIR]
+        [--runtimes ort,openvino,tensorrt] [--batch 1,32] [--onnx-only] [--fp16-engine] [--out export/] [--val-dir DIR]
 
 Steps, each with a progress line:
-  1. export   FP32 and Q/DQ INT8 ONNX (utils/onnx_export.py says which points are exported, mapped or float)
-  2. simplify onnxsim (onnxslim where onnxsim is absent), onnx.checker, every Q directly followed by its DQ
-  3. verify   ONNX Runtime on CPU against PyTorch (FP32 to 1e-4; INT8 top-1 agreement and logit
-              differences against the fake-quant model), and ORT latency/throughput INT8 vs FP32
+  1. export   FP32 and Q/DQ INT8 ONNX (utils/onnx_export.py says which points are exported, mapped or
+              float); every quantized weight stored as int8 feeding a DequantizeLinear
+  2. simplify onnxslim, onnx.checker, every Q directly followed by its DQ, no QuantizeLinear on a weight;
+              the OpenVINO IR (int8.xml/.bin, int8 weights) when OpenVINO is among the runtimes
+  3. verify   each CPU runtime against PyTorch (FP32 to 1e-4; INT8 top-1 agreement and logit
+              differences against the fake-quant model and FP32), then INT8 vs FP32 latency and
+              throughput at each --batch in that runtime, the two models timed alternately
   4. TensorRT where `tensorrt` and an NVIDIA GPU are present (utils/tensorrt_engine.py): INT8 engine from
               the Q/DQ model (FP16 from the FP32 model with --fp16-engine) for batches up to the largest
               --batch; the same checks as step 3 on the engines, throughput, the engine inspector's
-              precisions per layer; otherwise the script stops after step 3 (exit 0 with --onnx-only, 2 without).
-A recipe TensorRT cannot run as calibrated (anything but symmetric int8 points: FQ-ViT's uint8, log2, PTF)
-is refused before anything is written unless --onnx-only is given.
+              precisions per layer; otherwise the script stops after step 3 (exit 2 unless TensorRT
+              was left out of --runtimes, or --onnx-only was given)
+A runtime that is not installed is skipped with one line. With TensorRT among the runtimes every
+activation is exported symmetric (TensorRT takes zero point 0 only); without it, uint8 activations keep
+their zero points. A recipe some runtime cannot run as calibrated (FQ-ViT's log2 softmax and PTF, other
+widths; uint8 activations for TensorRT) is refused before anything is written, naming the points,
+unless --allow-fallback is given.
 Everything goes into a new folder ``<out>/<time>/`` (written under a hidden name and
 renamed when complete). Bad input ends with one ``error: ...`` line and exit code 2.
 """
@@ -23,9 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,13 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="timm model name the calibrated file was made for")
     p.add_argument("--checkpoint", default=None, help="local weights (default: timm pretrained)")
     p.add_argument("--calibrated", required=True, help="calibrated quantizer state written by test_qvit.py --save-calibrated")
+    p.add_argument("--runtimes", default="ort,openvino,tensorrt", help="where to verify and benchmark: ort, openvino, tensorrt (default all three)")
     p.add_argument("--batch", default="1,32", help="batch sizes to benchmark (default 1,32)")
-    p.add_argument("--onnx-only", action="store_true", help="stop after ONNX export, simplification and ONNX Runtime verification")
+    p.add_argument("--onnx-only", action="store_true", help="leave TensorRT out: stop after the CPU runtimes")
+    p.add_argument("--allow-fallback", action="store_true", help="export points a runtime cannot run as calibrated mapped or in float instead of refusing")
     p.add_argument("--fp16-engine", action="store_true", help="also build an FP16 TensorRT engine for comparison")
     p.add_argument("--out", default="export", help="output root (default export/)")
     p.add_argument("--val-dir", default=None, help="ImageNet-layout images to verify on (default: generated images, agreement only)")
     p.add_argument("--verify-images", type=int, default=256, help="images used for verification (default 256)")
     p.add_argument("--bench-iters", type=int, default=10, help="timed runs per benchmark cell (median; default 10)")
+    p.add_argument("--threads", type=int, default=0, help="CPU runtime threads (default 0: the runtime's choice)")
     p.add_argument("--opset", type=int, default=17)
     return p
 
@@ -55,27 +64,6 @@ def parse_batches(text: str) -> list[int]:
     if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", text):
         raise UserError(f"--batch {text!r}: expected positive integers separated by commas, e.g. 1,32")
     return sorted({int(b) for b in text.split(",")})
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def bench(session, batch: int, size: tuple[int, int], iters: int) -> float:
-    """Median seconds of one run at ``batch`` (after two warm-up runs)."""
-    x = np.random.default_rng(0).standard_normal((batch, 3, *size), dtype=np.float32)
-    for _ in range(2):
-        session.run(None, {"images": x})
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        session.run(None, {"images": x})
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def collect_logits(loader, models: dict[str, Callable]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -102,12 +90,19 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return 100 * float((logits.argmax(1) == labels).mean())
 
 
+def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the cosine similarity of two logit vectors."""
+    a, b = logits.astype(np.float64), reference.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
+
+
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, fp32: np.ndarray | None = None) -> dict:
-    """Top-1 agreement and logit |difference| with ``reference``; agreement with ``fp32``, top-1 (%) with ``labels``."""
+    """Top-1 agreement and logit |difference| with ``reference``; agreement and logit cosine with ``fp32``, top-1 (%) with ``labels``."""
     diff = np.abs(logits - reference)
     result = {"top1_agreement": agreement(logits, reference), "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean())}
     if fp32 is not None:
         result["top1_agreement_with_fp32"] = agreement(logits, fp32)
+        result["logit_cosine_with_fp32"] = logit_cosine(logits, fp32)
     if labels is not None:
         result["top1"] = top1(logits, labels)
     return result
@@ -115,23 +110,32 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
 
 def describe(check: dict, against: str) -> str:
     """One line of :func:`compare`'s result."""
-    fp32 = f", with FP32 {check['top1_agreement_with_fp32']:.4f}" if "top1_agreement_with_fp32" in check else ""
+    fp32 = ""
+    if "top1_agreement_with_fp32" in check:
+        fp32 = f", with FP32 {check['top1_agreement_with_fp32']:.4f} (logit cosine {check['logit_cosine_with_fp32']:.4f})"
     return (f"top-1 agreement with {against} {check['top1_agreement']:.4f}{fp32}; "
             f"logit |diff| to {against} max {check['max_abs_logit_diff']:.3g}, mean {check['mean_abs_logit_diff']:.3g}")  # fmt: skip
 
 
-def convert(args: argparse.Namespace) -> Path:
+def check_arguments(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """Every argument checked before anything is loaded; returns the batch sizes and the runtimes."""
+    from utils.runtimes import parse_runtimes
+
     batches = parse_batches(args.batch)
+    runtimes = parse_runtimes(args.runtimes)
+    if args.onnx_only:
+        runtimes = [r for r in runtimes if r != "tensorrt"]
     for flag, value in (("--verify-images", args.verify_images), ("--bench-iters", args.bench_iters)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    needed = ("onnx", "onnxruntime", "onnxconverter_common") if args.fp16_engine else ("onnx", "onnxruntime")
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (the runtime's choice) or more, got {args.threads}")
+    needed = ("onnx", "onnxslim", "onnxconverter_common") if args.fp16_engine else ("onnx", "onnxslim")
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
-    calibrated = Path(args.calibrated)
-    if not calibrated.is_file():
-        raise UserError(f"--calibrated {calibrated}: no such file (write one with test_qvit.py --save-calibrated)")
+    if not Path(args.calibrated).is_file():
+        raise UserError(f"--calibrated {args.calibrated}: no such file (write one with test_qvit.py --save-calibrated)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     if args.val_dir and not Path(args.val_dir).is_dir():
@@ -146,113 +150,175 @@ def convert(args: argparse.Namespace) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"--out {out}: not writable ({exc.strerror})") from None
+    return batches, runtimes
 
-    import torch
-    from timm.data import create_transform, resolve_data_config
 
-    from models.quant_vit import QVit
-    from utils.checkpoint import check_model_name, create_model, load_calibrated, load_checkpoint, read_calibrated, weights_sha256
-    from utils.data import calibration_subset, make_loader, scan_split
-    from utils.onnx_export import check_qdq, export_onnx, export_plan, qdq_hooks, simplify
-    from utils.run_dir import RunDir, write_json_atomic
-    from utils.tensorrt_engine import check_deployable, unavailable_reason
+def load_model(args: argparse.Namespace):
+    """The QVit of ``--calibrated`` on ``--model``'s weights, and the model's data config."""
+    from timm.data import resolve_data_config
 
-    record, recipe = read_calibrated(calibrated)
-    check_model_name(args.model)
-    if record["model"] != args.model:
-        raise UserError(f"--calibrated {calibrated} was made for {record['model']}, not {args.model}")
-    model = create_model(args.model, pretrained=not args.checkpoint)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, args.model)
-    qvit = QVit(model, recipe).eval()
-    load_calibrated(qvit, record, calibrated, weights_sha256(model))
-    if not args.onnx_only:
-        check_deployable(export_plan(qvit), recipe.name)
-    data_config = resolve_data_config(model=model)
-    size = tuple(data_config["input_size"][1:])
+    from utils.checkpoint import restore_calibrated
 
+    qvit = restore_calibrated(Path(args.calibrated), args.model, args.checkpoint)
+    return qvit, resolve_data_config(model=qvit.model)
+
+
+def plan_export(qvit, runtimes: list[str], allow_fallback: bool) -> list:
+    """Each point's export plan for ``runtimes``; refuses (naming the points) what some runtime would not run as calibrated."""
+    from utils.onnx_export import check_deployable, export_plan
+    from utils.runtimes import CPU_RUNTIMES, TITLES
+    from utils.tensorrt_engine import check_deployable as check_tensorrt
+
+    plan = export_plan(qvit, zero_points="tensorrt" not in runtimes)
+    if not allow_fallback:
+        if "tensorrt" in runtimes:
+            check_tensorrt(plan, qvit.recipe.name)
+        cpu = [TITLES[r] for r in runtimes if r in CPU_RUNTIMES]
+        if cpu:
+            check_deployable(plan, qvit.recipe.name, " and ".join(cpu), "8-bit uniform",
+                             "Calibrate with test_qvit.py --config cpu_int8 (or trt_int8), or pass --allow-fallback to export them mapped or in float")  # fmt: skip
+    return plan
+
+
+def export_step(qvit, folder: Path, size: tuple[int, int], plan: list, runtimes: list[str], opset: int) -> dict:
+    from utils.onnx_export import export_onnx
+
+    print(f"[1/4] export: {qvit.recipe.name} to ONNX opset {opset}, FP32 and Q/DQ INT8 with int8 weights")
+    export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=opset)
+    export_onnx(qvit, folder / "int8.raw.onnx", size, quantized=True, opset=opset, zero_points="tensorrt" not in runtimes)
+    counts = {k: sum(p.plan == k for p in plan) for k in ("qdq", "mapped", "float")}
+    print(f"      {counts['qdq']} points exported as calibrated, {counts['mapped']} mapped to symmetric int8, {counts['float']} left in float")
+    for p in plan:
+        if p.plan != "qdq":
+            print(f"      {p.plan:6s} {p.name}: {p.reason}")
+    return {"points": [{"name": p.name, "plan": p.plan, "reason": p.reason} for p in plan]}
+
+
+def simplify_step(folder: Path, runtimes: list[str]) -> dict:
     import onnx
 
-    run = RunDir(out)
-    with run:
-        folder = run.path
-        report: dict = {"model": args.model, "recipe": recipe.name, "calibrated": str(calibrated)}
-        # 1. export
-        print(f"[1/4] export: {args.model} ({recipe.name}) to ONNX opset {args.opset}, FP32 and Q/DQ INT8")
-        export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=args.opset)
-        plan = export_onnx(qvit, folder / "int8.raw.onnx", size, quantized=True, opset=args.opset)
-        counts = {k: sum(p.plan == k for p in plan) for k in ("qdq", "mapped", "float")}
-        print(f"      {counts['qdq']} points exported as calibrated, {counts['mapped']} mapped to symmetric int8, {counts['float']} left in float")
-        for p in plan:
-            if p.plan != "qdq":
-                print(f"      {p.plan:6s} {p.name}: {p.reason}")
-        report["points"] = [{"name": p.name, "plan": p.plan, "reason": p.reason} for p in plan]
+    from utils.onnx_export import check_qdq, simplify, weight_initializers
+    from utils.runtimes import ir_constant_types, save_openvino_ir, unavailable_reason
 
-        # 2. simplify and check
-        print("[2/4] simplify and check")
-        for name in ("fp32", "int8"):
-            tool = simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx")
-            (folder / f"{name}.raw.onnx").unlink()
-        problems = check_qdq(onnx.load(str(folder / "int8.onnx")))
-        if problems:
-            raise UserError(f"Q/DQ layout broken after simplification: {problems[0]} (and {len(problems) - 1} more)")
-        print(f"      {tool}; onnx.checker passed; every QuantizeLinear directly followed by its DequantizeLinear")
-        report["simplifier"] = tool
+    print("[2/4] simplify and check")
+    for name in ("fp32", "int8"):
+        tool = simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx")
+        (folder / f"{name}.raw.onnx").unlink()
+    model = onnx.load(str(folder / "int8.onnx"))
+    problems = check_qdq(model, zero_points="tensorrt" not in runtimes)
+    if problems:
+        raise UserError(f"Q/DQ layout broken after simplification: {problems[0]} (and {len(problems) - 1} more)")
+    sizes = {name: (folder / f"{name}.onnx").stat().st_size for name in ("fp32", "int8")}
+    weights = weight_initializers(model)
+    print(f"      {tool}; onnx.checker passed; every QuantizeLinear directly followed by its DequantizeLinear")
+    print(f"      {len(weights)} weights stored as int8; int8.onnx {sizes['int8'] / 2**20:.1f} MiB = {sizes['int8'] / sizes['fp32']:.2f}x fp32.onnx")
+    report = {"simplifier": tool, "int8_weights": len(weights), "bytes": sizes}
+    if "openvino" in runtimes and unavailable_reason("openvino") is None:
+        save_openvino_ir(folder / "int8.onnx", folder / "int8.xml")
+        types = ir_constant_types(folder / "int8.xml")
+        report["openvino_ir_constant_bytes"] = dict(types)
+        print(f"      OpenVINO IR int8.xml/.bin: constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in types.most_common())}")
+    return report
 
-        # 3. verify with ONNX Runtime
-        transform = create_transform(**data_config)
-        if args.val_dir:
-            samples = calibration_subset(scan_split(Path(args.val_dir)), args.verify_images, seed=0)
-            loader = make_loader(samples, transform, 32, 2)
-            source = f"{len(samples)} images from {args.val_dir}"
-        else:
-            generator = torch.Generator().manual_seed(0)
-            loader = [(torch.randn(min(32, args.verify_images - i), 3, *size, generator=generator), None, 0) for i in range(0, args.verify_images, 32)]
-            source = f"{args.verify_images} generated images (agreement only; pass --val-dir for accuracy)"
-        print(f"[3/4] verify with ONNX Runtime on {source}")
-        sessions = {name: ort_session(folder / f"{name}.onnx") for name in ("fp32", "int8")}
 
-        def torch_logits(x: torch.Tensor, fake_quant: bool) -> np.ndarray:
-            with torch.no_grad(), (qdq_hooks(qvit, plan) if fake_quant else qvit.fp32()):
-                return qvit(x).numpy()
+def verification_images(args: argparse.Namespace, data_config: dict, size: tuple[int, int]):
+    """Batches of (images, labels or None, unreadable count), and what they are in words."""
+    import torch
+    from timm.data import create_transform
 
-        logits, labels = collect_logits(
-            loader,
-            {
-                "torch_fp32": lambda x: torch_logits(x, False),
-                "torch_int8": lambda x: torch_logits(x, True),
-                **{f"ort_{name}": (lambda x, s=session: s.run(None, {"images": x.numpy()})[0]) for name, session in sessions.items()},
-            },
-        )
-        reference, reference_fp32 = logits["torch_int8"], logits["torch_fp32"]
-        fp32_diff = float(np.abs(logits["ort_fp32"] - reference_fp32).max())
-        ort = compare(logits["ort_int8"], reference, labels, reference_fp32)
-        verify = {
-            "images": len(reference),
-            "fp32_max_abs_diff": fp32_diff,
-            "int8_top1_agreement_with_pytorch": ort["top1_agreement"],
-            "int8_top1_agreement_with_fp32": ort["top1_agreement_with_fp32"],
-            "int8_max_abs_logit_diff": ort["max_abs_logit_diff"],
-            "int8_mean_abs_logit_diff": ort["mean_abs_logit_diff"],
-        }
+    from utils.data import calibration_subset, make_loader, scan_split
+
+    if args.val_dir:
+        samples = calibration_subset(scan_split(Path(args.val_dir)), args.verify_images, seed=0)
+        return make_loader(samples, create_transform(**data_config), 32, 2), f"{len(samples)} images from {args.val_dir}"
+    generator = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(min(32, args.verify_images - i), 3, *size, generator=generator), None, 0) for i in range(0, args.verify_images, 32)]
+    return loader, f"{args.verify_images} generated images (agreement only; pass --val-dir for accuracy)"
+
+
+def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtimes: list[str], loader, source: str) -> tuple[dict, dict, dict, np.ndarray | None]:
+    """PyTorch FP32 and fake-quant logits, and each available CPU runtime's, compared; returns the
+    report, the compiled runtime models (for the benchmark), every model's logits and the labels."""
+    import torch
+
+    from utils.onnx_export import qdq_hooks
+    from utils.runtimes import CPU_RUNTIMES, TITLES, load_model, unavailable_reason
+
+    print(f"[3/4] verify in the CPU runtimes on {source}")
+    compiled: dict[str, dict] = {}
+    skipped = {}
+    for runtime in (r for r in runtimes if r in CPU_RUNTIMES):
+        reason = unavailable_reason(runtime)
+        if reason is not None:
+            skipped[runtime] = reason
+            print(f"      {TITLES[runtime]}: skipped ({reason})")
+            continue
+        int8 = folder / ("int8.xml" if runtime == "openvino" else "int8.onnx")
+        compiled[runtime] = {"fp32": load_model(runtime, folder / "fp32.onnx", args.threads), "int8": load_model(runtime, int8, args.threads)}
+
+    def torch_logits(x: torch.Tensor, fake_quant: bool) -> np.ndarray:
+        with torch.no_grad(), (qdq_hooks(qvit, plan) if fake_quant else qvit.fp32()):
+            return qvit(x).numpy()
+
+    models = {"torch_fp32": lambda x: torch_logits(x, False), "torch_int8": lambda x: torch_logits(x, True)}
+    for runtime, pair in compiled.items():
+        for precision, model in pair.items():
+            models[f"{runtime}_{precision}"] = lambda x, m=model: m(x.numpy())
+    logits, labels = collect_logits(loader, models)
+    reference, reference_fp32 = logits["torch_int8"], logits["torch_fp32"]
+    report: dict = {"images": len(reference), "skipped": skipped, "pytorch_int8": compare(reference, reference_fp32, labels, reference_fp32)}
+    if labels is not None:
+        report["pytorch_fp32_top1"] = top1(reference_fp32, labels)
+    print(f"      PyTorch fake-quant: {describe(report['pytorch_int8'], 'FP32')}")
+    for runtime in compiled:
+        fp32_diff = float(np.abs(logits[f"{runtime}_fp32"] - reference_fp32).max())
+        check = compare(logits[f"{runtime}_int8"], reference, labels, reference_fp32)
+        report[runtime] = {"fp32_max_abs_diff": fp32_diff, "int8": check}
+        print(f"      {TITLES[runtime]} FP32: max |{runtime} - PyTorch| = {fp32_diff:.2e} ({'within' if fp32_diff <= 1e-4 else 'ABOVE'} 1e-4)")
+        print(f"      {TITLES[runtime]} INT8: {describe(check, 'PyTorch fake-quant')}")
         if labels is not None:
-            verify.update(ort_int8_top1=ort["top1"], pytorch_int8_top1=top1(reference, labels))
-        report["verify"] = verify
-        print(f"      FP32: max |ORT - PyTorch| = {fp32_diff:.2e} ({'within' if fp32_diff <= 1e-4 else 'ABOVE'} 1e-4)")
-        print(f"      INT8: {describe(ort, 'PyTorch fake-quant')}")
-        if labels is not None:
-            print(f"      INT8 top-1: ORT {verify['ort_int8_top1']:.2f}%, PyTorch fake-quant {verify['pytorch_int8_top1']:.2f}%")
+            print(f"      {TITLES[runtime]} INT8 top-1 {check['top1']:.2f}% (PyTorch fake-quant {report['pytorch_int8']['top1']:.2f}%, FP32 {report['pytorch_fp32_top1']:.2f}%)")
+    return report, compiled, logits, labels
+
+
+def benchmark_step(compiled: dict[str, dict], batches: list[int], size: tuple[int, int], iters: int) -> dict:
+    """INT8 against FP32 in each runtime, timed alternately: medians and the median paired speedup."""
+    from utils.runtimes import TITLES
+    from utils.timing import timed_pairs
+
+    result = {}
+    for runtime, pair in compiled.items():
         rows = []
         for batch in batches:
-            t32 = bench(sessions["fp32"], batch, size, args.bench_iters)
-            t8 = bench(sessions["int8"], batch, size, args.bench_iters)
-            rows.append({"batch": batch, "fp32_ms": 1e3 * t32, "int8_ms": 1e3 * t8, "fp32_img_s": batch / t32, "int8_img_s": batch / t8, "speedup": t32 / t8})
-            print(f"      ORT batch {batch}: FP32 {1e3 * t32:.1f} ms ({batch / t32:.1f} img/s), INT8 {1e3 * t8:.1f} ms ({batch / t8:.1f} img/s), {t32 / t8:.2f}x")
-        report["ort_benchmark"] = rows
+            x = np.random.default_rng(0).standard_normal((batch, 3, *size), dtype=np.float32)
+            t32, t8, ratio = timed_pairs(lambda: pair["fp32"](x), lambda: pair["int8"](x), iters)
+            rows.append({"batch": batch, "fp32_ms": 1e3 * t32, "int8_ms": 1e3 * t8, "fp32_img_s": batch / t32, "int8_img_s": batch / t8, "speedup": 1 / ratio})
+            print(f"      {TITLES[runtime]} batch {batch}: FP32 {1e3 * t32:.1f} ms ({batch / t32:.1f} img/s), "
+                  f"INT8 {1e3 * t8:.1f} ms ({batch / t8:.1f} img/s), {1 / ratio:.2f}x (median of paired runs)")  # fmt: skip
+        result[runtime] = rows
+    return result
 
-        # 4. TensorRT
+
+def convert(args: argparse.Namespace) -> Path:
+    batches, runtimes = check_arguments(args)
+    qvit, data_config = load_model(args)
+    size = tuple(data_config["input_size"][1:])
+    plan = plan_export(qvit, runtimes, args.allow_fallback)
+
+    from utils.run_dir import RunDir, write_json_atomic
+    from utils.tensorrt_engine import unavailable_reason
+
+    run = RunDir(Path(args.out))
+    with run:
+        folder = run.path
+        report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "runtimes": runtimes}
+        report.update(export_step(qvit, folder, size, plan, runtimes, args.opset))
+        report.update(simplify_step(folder, runtimes))
+        loader, source = verification_images(args, data_config, size)
+        report["verify"], compiled, logits, labels = verify_step(args, qvit, plan, folder, runtimes, loader, source)
+        report["benchmark"] = benchmark_step(compiled, batches, size, args.bench_iters)
         print("[4/4] TensorRT")
-        reason = unavailable_reason() or ("not requested (--onnx-only)" if args.onnx_only else None)
+        reason = unavailable_reason() if "tensorrt" in runtimes else "not requested (--onnx-only or --runtimes)"
         if reason is None:
             report["tensorrt"] = tensorrt_engines(args, folder, batches, size, loader, logits, labels)
             reason = report["tensorrt"].get("reason")
@@ -261,7 +327,7 @@ def convert(args: argparse.Namespace) -> Path:
         write_json_atomic(folder / "conversion.json", report)
     if reason is not None:
         print(f"      skipped: {reason}")
-        if not args.onnx_only:
+        if "tensorrt" in runtimes:
             raise UserError(f"no TensorRT engine: {reason}; ONNX models are in {run.final} (use --onnx-only to stop there)")
     return run.final
 

@@ -13,6 +13,8 @@ A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparamet
 outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
 ``gptq`` (optional) rounds every Linear and patch-embedding weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
+``bias_correction`` (optional) moves the mean output shift of every quantized Linear into its bias
+(:mod:`models.ptq.bias_correction`);
 ``layers`` (optional) makes per-point exceptions to the kinds - a different observer, quantizer or bit
 width for the points whose path matches a glob, e.g. 8-bit for the most Fisher-sensitive points of a
 4-bit recipe (mixed precision, ``result_analyze.py --mixed-recipe``). Recipes live as YAML files in ``configs/`` and are
@@ -37,6 +39,7 @@ __all__ = [
     "ReparamSpec",
     "ScaleSearchSpec",
     "GPTQSpec",
+    "BiasCorrectionSpec",
     "DEFAULT_RECIPE",
     "CONFIG_DIR",
     "available_recipes",
@@ -227,6 +230,19 @@ class GPTQSpec:
 
 
 @dataclass(frozen=True)
+class BiasCorrectionSpec:
+    """Bias correction after calibration (models/ptq/bias_correction.py): each quantized Linear's and
+    convolution's bias absorbs the mean shift its quantization puts on its output, measured on the
+    first ``images`` calibration images."""
+
+    images: int = 512
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or not 1 <= self.images <= 10**7:
+            raise ConfigError(f"{where}.images must be an integer from 1 to {10**7}, got {self.images!r}")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
 
@@ -241,6 +257,7 @@ class QuantRecipe:
     reparam: ReparamSpec | None = None
     scale_search: ScaleSearchSpec | None = None
     gptq: GPTQSpec | None = None
+    bias_correction: BiasCorrectionSpec | None = None
     # Per-point exceptions, in order: a glob over quantizer paths (``blocks.*.mlp.fc2.input_quant``) ->
     # spec fields replacing those of the point's kind (``{bit_type: {bits: 8}}``), or null for float.
     # Checked against the model when QVit applies them (every pattern must match a point).
@@ -269,6 +286,10 @@ class QuantRecipe:
             self.gptq.validate(f"{where}.gptq")
             if self.weight is None:
                 raise ConfigError(f"{where}: gptq rounds the quantized weights; the weight kind is null")
+        if self.bias_correction is not None:
+            self.bias_correction.validate(f"{where}.bias_correction")
+            if self.weight is None and self.activation is None:
+                raise ConfigError(f"{where}: bias_correction corrects quantized Linears; the weight and activation kinds are null")
         if self.layers is not None:
             if not isinstance(self.layers, Mapping) or not self.layers:
                 raise ConfigError(f"{where}.layers must be a non-empty mapping of quantizer-path patterns to spec fields or null")
@@ -368,7 +389,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
     data = dict(data)
     kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
     sections = {}
-    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec), ("gptq", GPTQSpec)):
+    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec), ("gptq", GPTQSpec), ("bias_correction", BiasCorrectionSpec)):
         value = data.pop(key, None)
         sections[key] = None if value is None else _build_dataclass(cls, value, f"{where}.{key}")
     recipe = _build_dataclass(QuantRecipe, data, where)

@@ -23,7 +23,6 @@ otherwise; weights are random unless the model is DeiT-tiny and ../shared holds 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from models.quant_vit import QVit  # noqa: E402
 from quant_config import available_recipes, load_recipe  # noqa: E402
 from utils.checkpoint import create_model, load_checkpoint  # noqa: E402
 from utils.engine import calibrate  # noqa: E402
+from utils.timing import synchronized, timed, timed_pairs  # noqa: E402
 
 SHARED_DEIT = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 OBSERVERS = ("minmax", "percentile", "omse", "kl")
@@ -61,46 +61,6 @@ def build(model_name: str, recipe, checkpoint: Path | None) -> QVit:
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, model_name)
     return QVit(model, recipe).eval()
-
-
-def synchronized(fn):
-    """``fn`` followed by a CUDA synchronisation when a GPU is in use, so wall-clock times are complete."""
-    if not torch.cuda.is_available():
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
-
-
-def timed(fn, iters: int) -> float:
-    fn = synchronized(fn)
-    fn()  # warm-up
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def timed_pairs(first, second, iters: int) -> tuple[float, float, float]:
-    """Median times of two functions run alternately, and the median of their per-pair ratio.
-
-    Alternating cancels the slow drift of a shared machine's speed, which otherwise moves separate
-    measurements by 10-20% here.
-    """
-    first, second = synchronized(first), synchronized(second)
-    first(), second()  # warm-up
-    a, b = [], []
-    for _ in range(iters):
-        for fn, out in ((first, a), (second, b)):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iters: int, checkpoint: Path | None, device: torch.device) -> list[dict]:

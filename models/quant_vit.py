@@ -45,6 +45,7 @@ from timm.layers import LayerNorm as TimmLayerNorm, LayerScale, PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from models.ptq.bias_correction import correct_biases, layer_inputs
 from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
 from models.ptq.observers import distributed
@@ -149,6 +150,10 @@ class QVit(nn.Module):
     def quantized(self) -> contextlib.AbstractContextManager["QVit"]:
         """Run quantized (the default mode; useful inside :meth:`fp32`)."""
         return self._mode(QuantMode.QUANT)
+
+    def exporting(self) -> contextlib.AbstractContextManager["QVit"]:
+        """Quantizers pass through (an exporter's Q/DQ hooks replace them); layers compute what deploys."""
+        return self._mode(QuantMode.EXPORT)
 
     @contextlib.contextmanager
     def reparameterizing(self) -> Iterator["QVit"]:
@@ -265,6 +270,32 @@ class QVit(nn.Module):
         self.searched_ratios = search.apply()
         log.info("%s scale search: %d points, mean ratio %.3f", spec.metric, len(self.searched_ratios),
                  sum(self.searched_ratios.values()) / max(1, len(self.searched_ratios)))
+
+    def bias_layers(self) -> dict[str, QuantLinear | QuantConv2d]:
+        """The layers the recipe's ``bias_correction`` corrects: every Linear and (ungrouped) convolution
+        with a quantized input or weight."""
+        if self.recipe.bias_correction is None:
+            return {}
+        return {
+            name: m for name, m in self.model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv2d)) and getattr(m, "groups", 1) == 1
+            and any(q.spec is not None and q.enabled for q in (m.input_quant, m.weight_quant))
+        }  # fmt: skip
+
+    @contextlib.contextmanager
+    def correcting_biases(self) -> Iterator["QVit"]:
+        """After calibration (and scale search, GPTQ): run FP32 and sum every corrected layer's input; on
+        a clean exit each layer's bias takes the mean output shift of its quantization."""
+        if self.recipe.bias_correction is None:
+            raise RuntimeError(f"recipe {self.recipe.name} has no bias_correction section")
+        if not self.is_calibrated:
+            raise RuntimeError("correcting_biases() needs the calibrated scales: calibrate first")
+        layers = self.bias_layers()
+        with self._mode(QuantMode.FP32), layer_inputs(layers) as means:
+            yield self
+        corrections = correct_biases(layers, means)
+        log.info("bias correction: %d layers, mean |shift| %.3g", len(corrections),
+                 sum(float(c.abs().mean()) for c in corrections.values()) / max(1, len(corrections)))
 
     @torch.no_grad()
     def finalize_calibration(self) -> list[str]:

@@ -45,9 +45,11 @@ def test_trt_recipe_exports_every_point_as_symmetric_int8(exported):
 def test_graph_carries_the_calibrated_scales_in_adjacent_pairs(exported):
     qvit, plan, model, _, tool = exported
     assert tool.startswith(("onnxsim", "onnxslim"))
-    assert check_qdq(model) == []  # every Q feeds only DQs, every DQ reads a Q, zero points 0
+    assert check_qdq(model) == []  # every Q feeds only DQs, every DQ reads a Q or an int8 weight, zero points 0
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == len(plan)
+    weights = [p for p in plan if p.name.endswith(".weight")]
+    # Activations: QuantizeLinear -> DequantizeLinear; weights: int8 initializer -> DequantizeLinear.
+    assert ops["DequantizeLinear"] == len(plan) and ops["QuantizeLinear"] == len(plan) - len(weights)
     in_graph = qdq_scales(model)
     # Per-channel weight scales along axis 0, per-tensor scalars for activations: the PyTorch buffers exactly.
     expected = sorted((tuple(np.atleast_1d(q.scale.numpy()).tolist()) for q in qvit.quantizers().values()))
@@ -128,11 +130,16 @@ def test_convert_onnx_only_end_to_end(calibrated_run, tmp_path):
     for step in ("[1/4] export", "[2/4] simplify", "[3/4] verify", "[4/4] TensorRT"):
         assert step in result.stdout
     folder = Path(result.stdout.strip().splitlines()[-1])
-    assert folder.parent == out and sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.onnx"]
+    assert folder.parent == out
+    assert sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.bin", "int8.onnx", "int8.xml"]
     report = json.loads((folder / "conversion.json").read_text())
-    assert report["verify"]["images"] == 4 and report["verify"]["fp32_max_abs_diff"] < 1e-4
-    assert 0 <= report["verify"]["int8_top1_agreement_with_pytorch"] <= 1 and 0 <= report["verify"]["int8_top1_agreement_with_fp32"] <= 1
-    assert [r["batch"] for r in report["ort_benchmark"]] == [1] and report["ort_benchmark"][0]["int8_ms"] > 0
+    assert report["verify"]["images"] == 4
+    for runtime in ("ort", "openvino"):
+        check = report["verify"][runtime]
+        assert check["fp32_max_abs_diff"] < 1e-4
+        assert 0 <= check["int8"]["top1_agreement"] <= 1 and 0 <= check["int8"]["top1_agreement_with_fp32"] <= 1
+        rows = report["benchmark"][runtime]
+        assert [r["batch"] for r in rows] == [1] and rows[0]["int8_ms"] > 0 and rows[0]["speedup"] > 0
     assert {p["plan"] for p in report["points"]} == {"qdq"}
     assert check_qdq(onnx.load(str(folder / "int8.onnx"))) == []
     if importlib.util.find_spec("tensorrt") is None:

@@ -28,6 +28,8 @@ __all__ = [
     "weights_sha256",
     "save_calibrated",
     "load_calibrated",
+    "read_calibrated",
+    "restore_calibrated",
     "CALIBRATED_FORMAT",
 ]
 
@@ -77,8 +79,8 @@ def weights_sha256(model: nn.Module) -> str:
     quantizer_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, TensorQuantizer))
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
-        if quantizer_prefixes and key.startswith(quantizer_prefixes):
-            continue
+        if (quantizer_prefixes and key.startswith(quantizer_prefixes)) or key.endswith(".bias_correction"):
+            continue  # calibrated state, not weights
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -162,8 +164,10 @@ def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_finge
 
 
 def _quantizer_keys(qvit: QVit) -> set[str]:
-    """The ``state_dict`` keys of the quantizer buffers (scale, zero point, calibrated flag; a weight's GPTQ rounding where set)."""
-    return {f"model.{name}.{buffer}" for name, q in qvit.quantizers().items() for buffer, _ in q.named_buffers()}
+    """The ``state_dict`` keys of the calibrated state: the quantizer buffers (scale, zero point,
+    calibrated flag; a weight's GPTQ rounding where set) and the layers' bias corrections where set."""
+    keys = {f"model.{name}.{buffer}" for name, q in qvit.quantizers().items() for buffer, _ in q.named_buffers()}
+    return keys | {f"model.{name}.bias_correction" for name, m in qvit.bias_layers().items() if m.bias_correction is not None}
 
 
 def read_calibrated(path: str | Path) -> tuple[dict[str, Any], QuantRecipe]:
@@ -196,8 +200,25 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
             raise UserError(f"calibrated file {path}: cannot replay its reparameterization ({exc})") from None
     state = record["quantizers"]
     gptq_keys = {f"model.{name}.weight_quant.rounded" for name in qvit.gptq_layers()}  # GPTQ's rounded weights
-    if set(state) != _quantizer_keys(qvit) | gptq_keys:
+    bias_keys = {f"model.{name}.bias_correction" for name in qvit.bias_layers()}  # the recipe's bias corrections
+    if set(state) != _quantizer_keys(qvit) | gptq_keys | bias_keys:
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
     qvit.load_state_dict(state, strict=False)
     if not qvit.is_calibrated:
         raise UserError(f"calibrated file {path} holds uncalibrated quantizers")
+
+
+def restore_calibrated(path: str | Path, model_name: str, checkpoint: str | Path | None) -> QVit:
+    """The calibrated QVit of ``path``: ``model_name`` built with ``checkpoint`` (timm's pretrained
+    weights without), converted with the file's recipe, its quantizer state loaded; in eval mode."""
+    path = Path(path)
+    record, recipe = read_calibrated(path)
+    check_model_name(model_name)
+    if record["model"] != model_name:
+        raise UserError(f"--calibrated {path} was made for {record['model']}, not {model_name}")
+    model = create_model(model_name, pretrained=not checkpoint)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, model_name)
+    qvit = QVit(model, recipe).eval()
+    load_calibrated(qvit, record, path, weights_sha256(model))
+    return qvit

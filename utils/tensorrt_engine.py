@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from utils.errors import UserError
+from utils import onnx_export
 from utils.onnx_export import ExportPoint
 from utils.run_dir import write_bytes_atomic
 
@@ -75,21 +76,10 @@ def unavailable_reason() -> str | None:
 
 
 def check_deployable(plan: Sequence[ExportPoint], recipe: str) -> None:
-    """Refuse a recipe whose engine would not be the calibrated model: every point must export as-is.
-
-    ``mapped`` points would run on a coarser symmetric grid than was calibrated and evaluated, ``float``
-    ones (log2 grids, PTF LayerNorm inputs, the integer softmax, other bit widths) unquantized: either
-    way the engine would not be the model whose accuracy test_qvit.py reported.
-    """
-    bad = [p for p in plan if p.plan != "qdq"]
-    if not bad:
-        return
-    named = "; ".join(f"{p.name} ({p.plan}: {p.reason})" for p in bad[:3])
-    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-    raise UserError(
-        f"recipe {recipe} cannot be deployed to TensorRT as calibrated: {len(bad)} of {len(plan)} quantization points are not "
-        f"symmetric int8 Q/DQ: {named}{more}. Calibrate with test_qvit.py --config trt_int8, or pass --onnx-only to stop after the ONNX export"
-    )
+    """Refuse a recipe whose engine would not be the calibrated model: every point must export as
+    symmetric int8 (TensorRT takes zero point 0 only)."""
+    onnx_export.check_deployable(list(plan), recipe, "TensorRT", "symmetric int8",
+                                 "Calibrate with test_qvit.py --config trt_int8, or pass --onnx-only to stop after the ONNX export")  # fmt: skip
 
 
 @functools.cache

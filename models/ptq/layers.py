@@ -30,17 +30,44 @@ def _device(module: nn.Module) -> torch.device | None:
     return param.device if param is not None else None
 
 
+class _BiasCorrected:
+    """A Conv/Linear whose bias gets a correction (models/ptq/bias_correction.py) when it runs quantized.
+
+    ``bias_correction`` is a buffer only once set (absent from the state dict otherwise, like a
+    quantizer's ``rounded`` weight); the FP32 mode keeps the original bias.
+    """
+
+    bias: nn.Parameter | None
+    state: QuantState
+    bias_correction: Tensor | None
+
+    def set_bias_correction(self, value: Tensor) -> None:
+        self.bias_correction = value.detach().clone()
+
+    def quant_bias(self) -> Tensor | None:
+        if self.bias_correction is None or self.state.mode not in (QuantMode.QUANT, QuantMode.EXPORT):
+            return self.bias
+        return self.bias_correction if self.bias is None else self.bias + self.bias_correction
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        key = prefix + "bias_correction"
+        self.bias_correction = torch.empty_like(state_dict[key], device=self.weight.device) if key in state_dict else None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def _add_input_and_weight_quant(
     module: nn.Module, state: QuantState, activation: QuantizerSpec | None, weight: QuantizerSpec | None,
     in_channels: int, in_axis: int, out_channels: int,
 ) -> None:
     """The two quantizers of a Conv/Linear: its input, and its weight per output channel (axis 0)."""
     dev = _device(module)
+    module.state = state
+    module.register_buffer("bias_correction", None)
     module.input_quant = TensorQuantizer(activation, state, num_channels=in_channels, channel_axis=in_axis, kind="activation", device=dev)
     module.weight_quant = TensorQuantizer(weight, state, num_channels=out_channels, channel_axis=0, static=True, kind="weight", device=dev)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_BiasCorrected, nn.Linear):
     """``nn.Linear`` with a quantized input (per tensor or per input feature) and weight (per output row)."""
 
     input_quant: TensorQuantizer
@@ -53,10 +80,10 @@ class QuantLinear(nn.Linear):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_BiasCorrected, nn.Conv2d):
     """``nn.Conv2d`` (the patch embedding) with a quantized input image and per-filter weight."""
 
     input_quant: TensorQuantizer
@@ -70,7 +97,7 @@ class QuantConv2d(nn.Conv2d):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
 
 
 class QuantLayerNorm(nn.LayerNorm):

@@ -37,6 +37,9 @@ class QuantMode(enum.Enum):
     RANGE = "range"  # first pass of exact calibration: observers record ranges only
     CALIBRATE = "calibrate"
     QUANT = "quant"
+    # ONNX export: quantizers pass through (the exporter's Q/DQ hooks stand in for them), the layers
+    # compute what deploys (the integer softmax's float form, corrected biases).
+    EXPORT = "export"
 
 
 class QuantState:

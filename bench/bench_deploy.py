@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""Deployed INT8 on the CPU: our recipes' Q/DQ exports against NNCF's post-training quantization.
+
+    pip install -r requirements-bench.txt                       # nncf: this benchmark only
+    python bench/bench_deploy.py                                # deit_tiny + vit_base, batch 1 and 32, 2 threads
+    python bench/bench_deploy.py --models deit_tiny_patch16_224 --calib-images 64 --val-images 128 --batches 1,8 --iters 3
+    python bench/bench_deploy.py --models vit_base_patch16_224 --batches 1 --iters 2 --speed-calib-images 16
+    python bench/bench_deploy.py --recipes cpu_int8,trt_int8_search --json bench_deploy.json
+
+One process, for each model: the same weights, the same FP32 ONNX, the same images and the same
+thread count (``--threads``, for PyTorch and every runtime) for every system:
+
+* FP32: the QVit in FP32 mode (= timm) exported once to ``fp32.onnx`` (simplified), run in ONNX
+  Runtime and in OpenVINO;
+* NNCF PTQ: ``ov.convert_model(fp32.onnx)`` quantized by ``nncf.quantize`` (``ModelType.TRANSFORMER``,
+  ``subset_size`` = all calibration images, defaults otherwise) with SmoothQuant on (NNCF's default)
+  and off, run in OpenVINO;
+* each of ``--recipes``: calibrated by utils.engine.calibrate on the same calibration images,
+  exported with uint8 activations and zero points (what the CPU runtimes take) and int8 weights,
+  simplified, run in ONNX Runtime and in OpenVINO. A recipe that does not exist is skipped.
+
+Accuracy (DeiT-tiny with the real ``--checkpoint`` only; other models get random weights, are timed
+only and calibrated on ``--speed-calib-images`` images to keep them quick): per system and runtime, top-1 agreement and mean logit cosine with the PyTorch FP32
+logits, and top-1 against the labels, on ``--val-images`` images of ``--val-dir``; also each recipe's
+PyTorch fake-quant model, so that a gap between it and the runtimes shows the export's share.
+Speed at each ``--batches``: images/s of every system, and paired speed ratios (the two sides
+alternate, utils.timing.timed_pairs; medians of ``--iters`` runs): each INT8 system against FP32 in
+the same runtime, and each of our exports against NNCF with SmoothQuant in OpenVINO (speed-only
+models at batch >= 32: max(3, iters // 3) pairs, ViT-B runs take seconds there). File sizes of
+the ONNX models and NNCF's IR weights. ``--json PATH`` writes every number.
+Bad input ends with one ``error: ...`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes, load_recipe  # noqa: E402
+from utils.errors import ArgumentParser, UserError, run_script  # noqa: E402
+
+if TYPE_CHECKING:
+    from models.quant_vit import QVit
+
+ACCURACY_MODEL = "deit_tiny_patch16_224"  # the one model with real weights here
+SHARED = ROOT.parent / "shared"
+NNCF_SQ = "NNCF PTQ, SmoothQuant on"
+NNCF_NO_SQ = "NNCF PTQ, SmoothQuant off"
+FP32 = "FP32"
+TITLES = {"torch": "PyTorch", "ort": "ONNX Runtime", "openvino": "OpenVINO"}
+LOADER_BATCH = 32
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=f"{ACCURACY_MODEL},vit_base_patch16_224", help="timm models, comma-separated")
+    p.add_argument("--recipes", default="cpu_int8,trt_int8_search", help="our recipes, comma-separated (one that does not exist is skipped)")
+    p.add_argument("--checkpoint", type=Path, default=SHARED / "weights" / "deit_tiny_patch16_224.pth", help=f"weights of {ACCURACY_MODEL}")
+    p.add_argument("--calib-dir", type=Path, default=SHARED / "data" / "imagenet-mini" / "train", help="ImageNet-layout calibration split")
+    p.add_argument("--calib-images", type=int, default=1000, help="calibration images (ours and NNCF's subset_size; default 1000)")
+    p.add_argument("--speed-calib-images", type=int, default=64, help="calibration images for the speed-only models (default 64)")
+    p.add_argument("--val-dir", type=Path, default=SHARED / "data" / "imagenet-mini" / "val", help="ImageNet-layout evaluation split")
+    p.add_argument("--val-images", type=int, default=1000, help="evaluation images, evenly spread over --val-dir (default 1000)")
+    p.add_argument("--batches", default="1,32", help="batch sizes to time (default 1,32)")
+    p.add_argument("--iters", type=int, default=10, help="timed pairs per ratio (median; default 10)")
+    p.add_argument("--threads", type=int, default=2, help="threads of PyTorch and of every runtime (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every number to PATH (JSON)")
+    return p
+
+
+# -- arguments --------------------------------------------------------------------------------------
+
+
+def parse_list(flag: str, text: str) -> list[str]:
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise UserError(f"{flag} {text!r}: no name given")
+    return names
+
+
+def parse_batches(text: str) -> list[int]:
+    if not re.fullmatch(r"\s*[1-9]\d*(\s*,\s*[1-9]\d*)*\s*", text):
+        raise UserError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 1,32")
+    return sorted({int(b) for b in text.split(",")})
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
+    """Everything checked before anything slow starts; returns the models, the recipes and the batch sizes."""
+    if importlib.util.find_spec("nncf") is None:
+        raise UserError("nncf is not installed (this benchmark only needs it): pip install -r requirements-bench.txt")
+    from utils.checkpoint import check_model_name
+    from utils.runtimes import CPU_RUNTIMES, unavailable_reason
+
+    for runtime in CPU_RUNTIMES:
+        reason = unavailable_reason(runtime)
+        if reason:
+            raise UserError(reason)
+    models = parse_list("--models", args.models)
+    for name in models:
+        check_model_name(name)
+    recipes = parse_list("--recipes", args.recipes)
+    batches = parse_batches(args.batches)
+    for flag, value in (("--calib-images", args.calib_images), ("--speed-calib-images", args.speed_calib_images),
+                        ("--val-images", args.val_images), ("--iters", args.iters), ("--threads", args.threads)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not args.calib_dir.is_dir():
+        raise UserError(f"--calib-dir {args.calib_dir}: no such directory")
+    if ACCURACY_MODEL in models:
+        if not args.val_dir.is_dir():
+            raise UserError(f"--val-dir {args.val_dir}: no such directory")
+        if not args.checkpoint.is_file():
+            raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: no such directory {args.json.parent}")
+    return models, recipes, batches
+
+
+# -- progress and versions --------------------------------------------------------------------------
+
+_START = time.perf_counter()
+
+
+def step(text: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f} s] {text}", flush=True)
+
+
+def versions() -> dict[str, str]:
+    import nncf
+    import onnxruntime
+    import openvino
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(meta: dict[str, Any]) -> str:
+    v = meta["versions"]
+    return (f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, openvino {v['openvino']}, nncf {v['nncf']}; "
+            f"{meta['threads']} threads everywhere; {meta['cpu']}; {meta['date']}")  # fmt: skip
+
+
+# -- images -----------------------------------------------------------------------------------------
+
+
+def data_transform(model_name: str) -> Callable:
+    """timm's evaluation preprocessing for ``model_name`` (resize, centre crop, its mean and std)."""
+    from timm.data import create_transform, resolve_data_config
+
+    from utils.checkpoint import create_model
+
+    return create_transform(**resolve_data_config(model=create_model(model_name, pretrained=False)))
+
+
+def load_images(samples: list, transform: Callable, workers: int) -> tuple[list[torch.Tensor], np.ndarray, int]:
+    """Decoded batches (kept in memory: every system sees exactly these tensors), labels, unreadable count."""
+    from utils.data import make_loader
+
+    images, labels, unreadable = [], [], 0
+    for x, y, bad in make_loader(samples, transform, LOADER_BATCH, workers):
+        unreadable += bad
+        if x is not None:
+            images.append(x)
+            labels.append(y.numpy())
+    if not images:
+        raise UserError(f"no readable image among {len(samples)} ({unreadable} unreadable)")
+    return images, np.concatenate(labels), unreadable
+
+
+def calibration_images(calib_dir: Path, count: int, transform: Callable, workers: int) -> list[torch.Tensor]:
+    from utils.data import calibration_subset, scan_split
+
+    images, _, unreadable = load_images(calibration_subset(scan_split(calib_dir), count, seed=0), transform, workers)
+    if unreadable:
+        step(f"  {unreadable} unreadable calibration image(s) skipped")
+    return images
+
+
+def validation_images(val_dir: Path, count: int, transform: Callable, workers: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    from utils.data import evenly_spaced, scan_split
+
+    images, labels, unreadable = load_images(evenly_spaced(scan_split(val_dir), count), transform, workers)
+    if unreadable:
+        step(f"  {unreadable} unreadable evaluation image(s) skipped")
+    return images, labels
+
+
+def speed_input(images: list[torch.Tensor], batch: int) -> np.ndarray:
+    """``batch`` real images (repeated when there are fewer): the runtimes' speed does not depend on them."""
+    pool = torch.cat(images).numpy()
+    reps = -(-batch // len(pool))
+    return np.ascontiguousarray(np.concatenate([pool] * reps)[:batch])
+
+
+# -- systems ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """One model file in one runtime."""
+
+    name: str  # FP32, NNCF_SQ, NNCF_NO_SQ or a recipe name
+    kind: str  # "fp32", "nncf" or "ours"
+    runtime: str
+    path: Path
+    run: Callable[[np.ndarray], np.ndarray]
+    seconds: dict[int, list[float]] = field(default_factory=dict)  # batch -> median seconds of each pair it was in
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} [{TITLES[self.runtime]}]"
+
+
+def build_qvit(model_name: str, recipe_name: str, checkpoint: Path | None) -> QVit:
+    """A fresh QVit on the model's weights. Built outside torch.inference_mode: the Fisher scale search
+    back-propagates, and parameters created in inference mode cannot take part in autograd."""
+    from models.quant_vit import QVit
+    from utils.checkpoint import create_model, load_checkpoint
+
+    model = create_model(model_name, pretrained=False)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, model_name)
+    return QVit(model, load_recipe(recipe_name)).eval()
+
+
+def export_fp32(qvit: QVit, folder: Path) -> Path:
+    """The one FP32 ONNX every FP32 baseline and NNCF start from, exported from an uncalibrated QVit
+    (its FP32 mode is timm; calibrating with a recipe's ``reparam`` would fold factors into the weights)."""
+    from utils.onnx_export import export_onnx, simplify
+
+    export_onnx(qvit, folder / "fp32.raw.onnx", (224, 224), quantized=False)
+    simplify(folder / "fp32.raw.onnx", folder / "fp32.onnx")
+    return folder / "fp32.onnx"
+
+
+@torch.inference_mode()
+def torch_logits(qvit: QVit, images: list[torch.Tensor]) -> np.ndarray:
+    with qvit.fp32():
+        return np.concatenate([qvit(x).numpy() for x in images])
+
+
+def our_int8(model_name: str, recipe_name: str, checkpoint: Path | None, calib: list[torch.Tensor], folder: Path,
+             val: list[torch.Tensor] | None) -> tuple[Path, float, np.ndarray | None]:  # fmt: skip
+    """Calibrate ``recipe_name`` on ``calib``, export Q/DQ with uint8 activations and zero points, simplify.
+    Returns the ONNX path, the calibration seconds and the fake-quant logits on ``val`` (None without)."""
+    from utils.engine import calibrate
+    from utils.onnx_export import check_deployable, export_onnx, export_plan, simplify
+
+    qvit = build_qvit(model_name, recipe_name, checkpoint)
+    result = calibrate(qvit, [(x, None, 0) for x in calib], torch.device("cpu"), progress=False)
+    # A recipe with points Q/DQ cannot express (log2 softmax, PTF, other widths) would deploy as a
+    # different model from the one calibrated: refuse it like convert_tensorrt.py does.
+    check_deployable(export_plan(qvit, zero_points=True), recipe_name, "ONNX Runtime and OpenVINO", "8-bit uniform", "Not benchmarked.")
+    raw, final = folder / f"{recipe_name}.int8.raw.onnx", folder / f"{recipe_name}.int8.onnx"
+    export_onnx(qvit, raw, (224, 224), quantized=True, zero_points=True)
+    simplify(raw, final)
+    # The calibrated fake-quant model's logits: a gap between them and the runtimes' is the export's.
+    fake_quant = fake_quant_logits(qvit, val) if val is not None else None
+    return final, result.seconds, fake_quant
+
+
+@torch.inference_mode()
+def fake_quant_logits(qvit: QVit, images: list[torch.Tensor]) -> np.ndarray:
+    return np.concatenate([qvit(x).numpy() for x in images])
+
+
+def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], smooth_quant: bool, xml: Path) -> float:
+    """NNCF's PTQ of the FP32 ONNX for OpenVINO, saved as IR at ``xml``; returns its seconds."""
+    import nncf
+    import openvino as ov
+
+    # One image per item, so that subset_size counts images and NNCF sees every calibration image.
+    items = [x[i : i + 1].numpy() for x in calib for i in range(len(x))]
+    # SmoothQuant off: a negative alpha removes the step (convolution's default is already -1).
+    advanced = None if smooth_quant else nncf.AdvancedQuantizationParameters(smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+    start = time.perf_counter()
+    quantized = nncf.quantize(ov.convert_model(str(fp32_onnx)), nncf.Dataset(items, lambda item: item),
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items), advanced_parameters=advanced)  # fmt: skip
+    seconds = time.perf_counter() - start
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return seconds
+
+
+# -- accuracy ---------------------------------------------------------------------------------------
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float((logits.argmax(1) == reference.argmax(1)).mean())
+
+
+def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the cosine similarity of two logit vectors."""
+    a, b = logits.astype(np.float64), reference.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
+
+
+def accuracy_row(name: str, runtime: str, logits: np.ndarray, fp32: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    return {
+        "system": name,
+        "runtime": runtime,
+        "top1_agreement_with_fp32": agreement(logits, fp32),
+        "logit_cosine_with_fp32": logit_cosine(logits, fp32),
+        "top1": 100 * float((logits.argmax(1) == labels).mean()),
+    }
+
+
+def measure_accuracy(systems: list[System], images: list[torch.Tensor], fp32: np.ndarray, labels: np.ndarray,
+                     fake_quant: dict[str, np.ndarray]) -> list[dict[str, Any]]:  # fmt: skip
+    rows = [accuracy_row(FP32, "torch", fp32, fp32, labels)]
+    rows += [accuracy_row(f"{recipe} (fake-quant)", "torch", logits, fp32, labels) for recipe, logits in fake_quant.items()]
+    for system in systems:
+        step(f"  accuracy: {system.key}")
+        logits = np.concatenate([system.run(x.numpy()) for x in images])
+        rows.append(accuracy_row(system.name, system.runtime, logits, fp32, labels))
+    return rows
+
+
+# -- speed ------------------------------------------------------------------------------------------
+
+
+def paired(reference: System, system: System, x: np.ndarray, iters: int) -> dict[str, Any]:
+    """``reference`` and ``system`` timed alternately; ``speedup`` is system's speed relative to reference (>1: faster)."""
+    from utils.timing import timed_pairs
+
+    t_ref, t_sys, time_ratio = timed_pairs(lambda: reference.run(x), lambda: system.run(x), iters)
+    for s, t in ((reference, t_ref), (system, t_sys)):
+        s.seconds.setdefault(len(x), []).append(t)
+    return {"batch": len(x), "reference": reference.key, "system": system.key, "iters": iters,
+            "median_s_reference": t_ref, "median_s_system": t_sys, "speedup": 1 / time_ratio}  # fmt: skip
+
+
+def iterations(speed_only: bool, batch: int, iters: int) -> int:
+    """Fewer pairs for the random-weight (speed only) models at large batches: ViT-B at batch 32 takes
+    seconds per run on two cores, and the alternation still cancels the drift."""
+    return max(3, iters // 3) if speed_only and batch >= 32 else iters
+
+
+def measure_speed(systems: list[System], images: list[torch.Tensor], batches: list[int], iters_base: int,
+                  speed_only: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """Per-system rows (images/s and speed ratios at each batch) and every timed pair."""
+    fp32 = {s.runtime: s for s in systems if s.kind == "fp32"}
+    nncf_best = next(s for s in systems if s.name == NNCF_SQ)
+    vs_fp32: dict[tuple[str, int], dict[str, Any]] = {}
+    vs_nncf: dict[tuple[str, int], dict[str, Any]] = {}
+    iters_used = {}
+    for batch in batches:
+        x = speed_input(images, batch)
+        iters = iters_used[batch] = iterations(speed_only, batch, iters_base)
+        note = f" (reduced from {iters_base} for a speed-only model at batch {batch})" if iters != iters_base else ""
+        for system in (s for s in systems if s.kind != "fp32"):
+            step(f"  batch {batch}: {system.key} vs {fp32[system.runtime].key}, {iters} pairs{note}")
+            vs_fp32[system.key, batch] = paired(fp32[system.runtime], system, x, iters)
+        for system in (s for s in systems if s.kind == "ours" and s.runtime == "openvino"):
+            step(f"  batch {batch}: {system.key} vs {nncf_best.key}, {iters} pairs{note}")
+            vs_nncf[system.key, batch] = paired(nncf_best, system, x, iters)
+    rows = []
+    for system in systems:
+        row = {"system": system.name, "runtime": system.runtime, "kind": system.kind}
+        for batch in batches:
+            # A system in several pairs: the median of its per-pair median times.
+            row[f"img_per_s@{batch}"] = batch / statistics.median(system.seconds[batch])
+            row[f"median_s@{batch}"] = statistics.median(system.seconds[batch])
+            row[f"speedup_vs_fp32_same_runtime@{batch}"] = vs_fp32.get((system.key, batch), {}).get("speedup")
+            row[f"speedup_vs_nncf_smoothquant_openvino@{batch}"] = vs_nncf.get((system.key, batch), {}).get("speedup")
+            row[f"iters@{batch}"] = iters_used[batch]
+        rows.append(row)
+    return rows, [*vs_fp32.values(), *vs_nncf.values()]
+
+
+# -- one model --------------------------------------------------------------------------------------
+
+
+def bench_model(model_name: str, recipes: list[str], batches: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    from utils.runtimes import load_model
+
+    speed_only = model_name != ACCURACY_MODEL
+    checkpoint = None if speed_only else args.checkpoint
+    n_calib = args.speed_calib_images if speed_only else args.calib_images
+    if speed_only:
+        step(f"{model_name}: random weights, SPEED ONLY - its accuracy is not measured; calibration on {n_calib} images only (--speed-calib-images)")
+    else:
+        step(f"{model_name}: weights {checkpoint}")
+    transform = data_transform(model_name)
+    step(f"{model_name}: loading {n_calib} calibration images from {args.calib_dir}")
+    calib = calibration_images(args.calib_dir, n_calib, transform, args.workers)
+    result: dict[str, Any] = {"model": model_name, "speed_only": speed_only, "calibration_images": sum(len(x) for x in calib),
+                              "skipped_recipes": {}, "calibration_seconds": {}, "sizes": []}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_deploy-") as tmp:
+        folder = Path(tmp)
+        step(f"{model_name}: FP32 ONNX export (QVit in FP32 mode = timm), simplify")
+        # Never calibrated, only run in FP32 mode (= timm), so the recipe it is built with does not matter.
+        reference = build_qvit(model_name, DEFAULT_RECIPE, checkpoint)
+        fp32_onnx = export_fp32(reference, folder)
+        files: list[tuple[str, Path]] = [("fp32.onnx", fp32_onnx)]
+        entries: list[tuple[str, str, Path]] = [(FP32, "fp32", fp32_onnx)]
+
+        for name, smooth_quant in ((NNCF_SQ, True), (NNCF_NO_SQ, False)):
+            step(f"{model_name}: {name}: nncf.quantize on {result['calibration_images']} images")
+            xml = folder / f"nncf_{'sq' if smooth_quant else 'nosq'}.xml"
+            result["calibration_seconds"][name] = nncf_int8(fp32_onnx, calib, smooth_quant, xml)
+            files.append((f"{name}: IR .bin", xml.with_suffix(".bin")))
+            entries.append((name, "nncf", xml))
+
+        val = labels = None
+        if not speed_only:
+            step(f"{model_name}: loading {args.val_images} evaluation images from {args.val_dir}")
+            val, labels = validation_images(args.val_dir, args.val_images, transform, args.workers)
+            result["evaluation_images"] = len(labels)
+        fake_quant: dict[str, np.ndarray] = {}
+        known = set(available_recipes())
+        for recipe in recipes:
+            if recipe not in known:
+                result["skipped_recipes"][recipe] = "no such recipe"
+                step(f"{model_name}: recipe {recipe}: skipped (no such recipe; available: {', '.join(sorted(known))})")
+                continue
+            step(f"{model_name}: {recipe}: calibrate on {result['calibration_images']} images, export Q/DQ (uint8 activations, zero points), simplify"
+                 + (f", fake-quant logits on {len(labels)} images" if labels is not None else ""))
+            try:
+                path, seconds, logits = our_int8(model_name, recipe, checkpoint, calib, folder, val)
+            except UserError as exc:  # not deployable to the CPU runtimes as calibrated
+                result["skipped_recipes"][recipe] = str(exc)
+                step(f"{model_name}: recipe {recipe}: skipped ({' '.join(str(exc).split())})")
+                continue
+            result["calibration_seconds"][recipe] = seconds
+            if logits is not None:
+                fake_quant[recipe] = logits
+            files.append((f"{recipe}: int8.onnx", path))
+            entries.append((recipe, "ours", path))
+
+        fp32_bytes = fp32_onnx.stat().st_size
+        result["sizes"] = [{"file": label, "bytes": p.stat().st_size, "ratio_to_fp32_onnx": p.stat().st_size / fp32_bytes} for label, p in files]
+
+        step(f"{model_name}: compiling every model ({args.threads} threads)")
+        systems = [
+            System(name, kind, runtime, path, load_model(runtime, path, args.threads))
+            for name, kind, path in entries
+            for runtime in (("openvino",) if kind == "nncf" else ("ort", "openvino"))
+        ]
+        if not speed_only:
+            step(f"{model_name}: PyTorch FP32 logits")
+            result["accuracy"] = measure_accuracy(systems, val, torch_logits(reference, val), labels, fake_quant)
+        step(f"{model_name}: speed at batch {', '.join(map(str, batches))}")
+        result["speed"], result["pairs"] = measure_speed(systems, calib, batches, args.iters, speed_only)
+    return result
+
+
+# -- tables -----------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def accuracy_table(result: dict[str, Any]) -> list[str]:
+    lines = [f"\nAccuracy: {result['model']}, {result['evaluation_images']} evaluation images, against the PyTorch FP32 logits; "
+             f"calibration on {result['calibration_images']} images",  # fmt: skip
+             "| system | runtime | top-1 agreement with FP32 | logit cosine with FP32 | top-1 (%) |", "|---|---|---:|---:|---:|"]
+    for r in result["accuracy"]:
+        lines.append(f"| {r['system']} | {TITLES[r['runtime']]} | {r['top1_agreement_with_fp32']:.4f} | {r['logit_cosine_with_fp32']:.4f} | {r['top1']:.2f} |")
+    return lines
+
+
+def speed_table(result: dict[str, Any], batches: list[int]) -> list[str]:
+    iters = ", ".join(f"batch {b}: {result['speed'][0][f'iters@{b}']}" for b in batches)
+    lines = [f"\nSpeed: {result['model']}{' (random weights, speed only)' if result['speed_only'] else ''}; "
+             f"images/s = batch / median time (a system in several pairs: median of its pairs' medians; not paired, so drift shows in them); "
+             f"speed ratios = reference time / system time, median of the per-pair ratios over {iters} alternating pairs (>1: faster)"]  # fmt: skip
+    cols = [f"img/s @{b}" for b in batches] + [f"vs FP32 same runtime @{b}" for b in batches] + [f"vs NNCF SQ on (OpenVINO) @{b}" for b in batches]
+    lines += ["| system | runtime | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for r in result["speed"]:
+        cells = [fmt(r[f"img_per_s@{b}"], ".1f") for b in batches]
+        cells += [fmt(r[f"speedup_vs_fp32_same_runtime@{b}"], ".2f", "x") for b in batches]
+        cells += [fmt(r[f"speedup_vs_nncf_smoothquant_openvino@{b}"], ".2f", "x") for b in batches]
+        lines.append(f"| {r['system']} | {TITLES[r['runtime']]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def size_table(result: dict[str, Any]) -> list[str]:
+    lines = [f"\nFiles: {result['model']}; calibration s = nncf.quantize, or utils.engine.calibrate with every pass the recipe has",
+             "| file | MB | ratio to fp32.onnx | calibration s |", "|---|---:|---:|---:|"]
+    for r in result["sizes"]:
+        system = r["file"].split(":")[0]
+        seconds = result["calibration_seconds"].get(system)
+        lines.append(f"| {r['file']} | {r['bytes'] / 1e6:.2f} | {r['ratio_to_fp32_onnx']:.3f} | {fmt(seconds, '.1f')} |")
+    return lines
+
+
+def report(meta: dict[str, Any], results: list[dict[str, Any]], batches: list[int]) -> str:
+    lines = ["", header(meta)]
+    for result in results:
+        if result["speed_only"]:
+            lines.append(f"\n{result['model']}: random weights - accuracy NOT measured (speed only; calibrated on {result['calibration_images']} images)")
+        else:
+            lines += accuracy_table(result)
+        lines += speed_table(result, batches)
+        lines += size_table(result)
+        for recipe, why in result["skipped_recipes"].items():
+            lines.append(f"skipped recipe {recipe}: {' '.join(why.split())}")
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> str:
+    models, recipes, batches = check_arguments(args)
+    torch.set_num_threads(args.threads)
+    # The ONNX tracer warns about every Python float/bool it records; the exports are checked by the accuracy rows.
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    import nncf
+
+    nncf.set_log_level(30)  # WARNING: NNCF's INFO lines would bury the progress lines
+    meta = {"versions": versions(), "threads": args.threads, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "cpu": cpu_name(), "arguments": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+    step(header(meta))
+    results = [bench_model(name, recipes, batches, args) for name in models]
+    if args.json is not None:
+        from utils.run_dir import write_json_atomic
+
+        write_json_atomic(args.json, {"meta": meta, "models": results})
+    text = report(meta, results, batches)
+    return text + (f"\n\nJSON: {args.json}" if args.json is not None else "")
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    return run_script(lambda: bench(args), (UserError, ConfigError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Deployment to the CPU runtimes: int8 weights in the ONNX export, uint8 activations with zero points,
+ONNX Runtime and OpenVINO against the PyTorch fake-quant model, the OpenVINO IR, bias correction."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import calibrated, make_tiny_vit, tiny_images
+from test_cli import MODEL, assert_user_error
+from test_onnx_export import calibrated_run, convert_cli  # noqa: F401 (module fixture)
+from utils.onnx_export import check_qdq, export_onnx, export_plan, simplify, weight_initializers
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+RUNTIMES = ["ort", pytest.param("openvino", marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]
+
+
+def exported(qvit, folder: Path, zero_points: bool):
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    plan = export_onnx(qvit, folder / "raw.onnx", (32, 32), zero_points=zero_points)
+    simplify(folder / "raw.onnx", folder / "int8.onnx")
+    return plan, onnx.load(str(folder / "int8.onnx"))
+
+
+def integer_weights(qvit) -> dict[str, np.ndarray]:
+    """Every quantized weight's integer codes, from the PyTorch quantizer (GPTQ's rounding included)."""
+    codes = {}
+    for name, module in qvit.model.named_modules():
+        q = getattr(module, "weight_quant", None)
+        if q is None or q.spec is None:
+            continue
+        scale = q.scale.view(-1, *([1] * (module.weight.dim() - 1)))
+        codes[name] = torch.round(q.fake_quant(module.weight) / scale).to(torch.int8).numpy()
+    return codes
+
+
+@pytest.mark.parametrize("recipe,overrides", [("trt_int8", {}), ("trt_int8", {"gptq": {}}), ("cpu_int8", {})], ids=["trt_int8", "gptq", "cpu_int8"])
+def test_weights_are_stored_as_the_pytorch_integers(tmp_path, recipe, overrides):
+    qvit = calibrated(recipe, **overrides)
+    plan, model = exported(qvit, tmp_path, zero_points=True)
+    assert check_qdq(model, zero_points=True) == []  # includes: no QuantizeLinear reads a constant
+    constants = {init.name for init in model.graph.initializer}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in constants for n in model.graph.node)
+    stored = list(weight_initializers(model).values())
+    expected = integer_weights(qvit)
+    assert len(stored) == len(expected) == sum(p.name.endswith(".weight") for p in plan)
+    assert all(w.dtype == np.int8 for w in stored)
+    unmatched = list(stored)
+    for name, codes in expected.items():  # each weight equals exactly one stored initializer, bit for bit
+        hits = [i for i, w in enumerate(unmatched) if w.shape == codes.shape and np.array_equal(w, codes)]
+        assert len(hits) == 1, name
+        unmatched.pop(hits[0])
+    if overrides:  # GPTQ moved some codes away from round-to-nearest, and those are what is stored
+        nearest = {n: torch.round(m.weight / m.weight_quant.scale.view(-1, *([1] * (m.weight.dim() - 1)))).to(torch.int8).numpy()
+                   for n, m in qvit.gptq_layers().items()}  # fmt: skip
+        assert any(not np.array_equal(expected[n], codes) for n, codes in nearest.items())
+
+
+def test_uint8_activations_keep_their_zero_points(tmp_path):
+    qvit = calibrated("cpu_int8")
+    plan, model = exported(qvit, tmp_path, zero_points=True)
+    points = {p.name: p for p in plan}
+    fc2 = points["blocks.0.mlp.fc2.input"]
+    q = qvit.quantizers()["blocks.0.mlp.fc2.input_quant"]
+    assert fc2.plan == "qdq" and fc2.qrange == (0, 255) and fc2.zero_point == int(q.zero_point) > 0
+    zero_points = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.UINT8]
+    assert zero_points and check_qdq(model) != [] and check_qdq(model, zero_points=True) == []
+    # For TensorRT (no zero points) the same points are mapped onto symmetric int8 instead.
+    assert {p.plan for p in export_plan(qvit, zero_points=False) if not p.name.endswith(".weight")} == {"mapped"}
+
+
+def test_int8_onnx_is_under_a_third_of_fp32(tmp_path):
+    model = make_tiny_vit(embed_dim=192, num_heads=3)  # weights dominate, as in every real ViT
+    qvit = calibrated("cpu_int8", model=model)
+    export_onnx(qvit, tmp_path / "fp32.raw.onnx", (32, 32), quantized=False)
+    simplify(tmp_path / "fp32.raw.onnx", tmp_path / "fp32.onnx")
+    exported(qvit, tmp_path, zero_points=True)
+    ratio = (tmp_path / "int8.onnx").stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    assert 0.2 < ratio <= 0.30
+
+
+@pytest.mark.parametrize("tool", ["onnxslim", "onnxsim"])
+def test_simplifiers_keep_int8_weights_and_adjacent_pairs(tmp_path, tool):
+    """Why onnxslim: both keep the int8 weights behind their DequantizeLinear and every Q beside its DQ."""
+    pytest.importorskip(tool)
+    qvit = calibrated("cpu_int8")
+    export_onnx(qvit, tmp_path / "raw.onnx", (32, 32), zero_points=True)
+    raw = onnx.load(str(tmp_path / "raw.onnx"))
+    if tool == "onnxsim":
+        import onnxsim
+
+        model, ok = onnxsim.simplify(raw)
+        assert ok
+    else:
+        import onnxslim
+
+        model = onnxslim.slim(raw)
+    assert check_qdq(model, zero_points=True) == []
+    before, after = weight_initializers(raw), weight_initializers(model)
+    assert len(after) == len(before) and all(w.dtype == np.int8 for w in after.values())
+    assert sorted(w.tobytes() for w in after.values()) == sorted(w.tobytes() for w in before.values())
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("recipe", ["trt_int8", "cpu_int8"])
+def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, runtime):
+    from utils.runtimes import load_model
+
+    qvit = calibrated(recipe)
+    plan, _ = exported(qvit, tmp_path, zero_points=recipe == "cpu_int8")
+    assert {p.plan for p in plan} == {"qdq"}  # exported exactly as calibrated: the fake-quant model is what deploys
+    model = load_model(runtime, tmp_path / "int8.onnx", threads=1)
+    x = torch.cat([tiny_images(16, seed=300 + i) for i in range(4)])
+    with torch.no_grad():
+        reference = qvit(x).numpy()  # the quantized PyTorch model itself, not the export hooks
+    out = model(x.numpy())
+    assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.99
+    # Integer kernels requantize and sum in another order: a small fraction of the logit range.
+    assert np.abs(out - reference).max() < 0.02 * np.abs(reference).max()
+
+
+def test_openvino_ir_keeps_int8_weights(tmp_path):
+    pytest.importorskip("openvino")
+    from utils.runtimes import ir_constant_types, load_model, save_openvino_ir
+
+    qvit = calibrated("cpu_int8")
+    exported(qvit, tmp_path, zero_points=True)
+    save_openvino_ir(tmp_path / "int8.onnx", tmp_path / "int8.xml")
+    sizes = ir_constant_types(tmp_path / "int8.xml")
+    weights = sum(m.weight.numel() for m in qvit.model.modules() if getattr(m, "weight_quant", None) is not None)
+    assert sizes["i8"] >= weights  # every weight element one byte
+    assert sizes["f32"] < 4 * weights / 2  # what stays float: biases, scales, LayerNorm, embeddings
+    x = tiny_images(16, seed=77).numpy()
+    ir, onnx_model = load_model("openvino", tmp_path / "int8.xml", 1), load_model("openvino", tmp_path / "int8.onnx", 1)
+    np.testing.assert_allclose(ir(x), onnx_model(x), atol=1e-5)
+
+
+# -- bias correction -----------------------------------------------------------------------------------
+
+
+def layer_inputs_fp32(qvit, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every corrected layer's FP32 input over ``images``, as rows (tokens, or unfolded patches)."""
+    from models.ptq.bias_correction import _rows
+
+    seen: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(_rows(mod, args[0])))
+               for n, m in qvit.bias_layers().items()]  # fmt: skip
+    with torch.no_grad(), qvit.fp32():
+        for x in images:
+            qvit(x)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+def test_bias_correction_never_raises_the_calibration_output_error():
+    qvit = calibrated("trt_int8", bias_correction={})
+    calibration_images = [tiny_images(8, seed=10 + i) for i in range(3)]  # what calibrated() calibrates on
+    inputs = layer_inputs_fp32(qvit, calibration_images)
+    assert set(inputs) == set(qvit.bias_layers()) and len(inputs) == 10
+    improved = 0
+    for name, module in qvit.bias_layers().items():
+        x = inputs[name]
+        w = module.weight.detach().double().reshape(module.weight.shape[0], -1)
+        wq = module.weight_quant.fake_quant(module.weight).detach().double().reshape(w.shape)
+        xq = module.input_quant.fake_quant(x.float()).double() if not isinstance(module, torch.nn.Conv2d) else None
+        if xq is None:  # a convolution's input is quantized per image, before unfolding
+            xq = inputs_quantized_conv(qvit, module, calibration_images)
+        error = x @ w.T - xq @ wq.T  # output error of the layer alone, before correction
+        correction = module.bias_correction.double()
+        # Independent reference: the mean of the output error over every calibration token.
+        torch.testing.assert_close(correction, error.mean(0), rtol=1e-4, atol=1e-7)
+        before, after = error.pow(2).mean(), (error - correction).pow(2).mean()
+        assert after <= before + 1e-12
+        improved += bool(after < before * (1 - 1e-6))
+    assert improved >= 8
+
+
+def inputs_quantized_conv(qvit, module, images: list[torch.Tensor]) -> torch.Tensor:
+    from models.ptq.bias_correction import _rows
+
+    return torch.cat([_rows(module, module.input_quant.fake_quant(x)) for x in images]).double()
+
+
+def test_bias_correction_changes_only_the_quantized_model_and_survives_saving(tmp_path):
+    from models.quant_vit import QVit
+    from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
+
+    model = make_tiny_vit()
+    qvit = calibrated("trt_int8", model=model, bias_correction={"images": 16})
+    plain = calibrated("trt_int8")
+    x = tiny_images(8, seed=42)
+    with torch.no_grad():
+        with qvit.fp32():
+            fp32 = qvit(x)
+        corrected, uncorrected = qvit(x), plain(x)
+    qvit_fresh = QVit(make_tiny_vit(), qvit.recipe).eval()
+    with torch.no_grad(), qvit_fresh.fp32():
+        torch.testing.assert_close(fp32, qvit_fresh(x), rtol=0, atol=1e-5)  # FP32 mode: the original model
+    assert not torch.allclose(corrected, uncorrected, atol=1e-6)
+    save_calibrated(qvit, tmp_path / "c.pt", "tiny", weights_sha256(make_tiny_vit()), None)
+    record, recipe = read_calibrated(tmp_path / "c.pt")
+    assert sum(k.endswith(".bias_correction") for k in record["quantizers"]) == 10
+    loaded = QVit(make_tiny_vit(), recipe).eval()
+    load_calibrated(loaded, record, tmp_path / "c.pt", weights_sha256(make_tiny_vit()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), corrected, rtol=0, atol=0)
+
+
+def test_bias_correction_is_exported(tmp_path):
+    from utils.runtimes import load_model
+
+    qvit = calibrated("cpu_int8")
+    assert all(m.bias_correction is not None for m in qvit.bias_layers().values())
+    exported(qvit, tmp_path, zero_points=True)
+    x = tiny_images(16, seed=9)
+    with torch.no_grad():
+        reference = qvit(x).numpy()
+        for m in qvit.bias_layers().values():
+            m.bias_correction = torch.zeros_like(m.bias_correction)
+        without = qvit(x).numpy()
+    out = load_model("ort", tmp_path / "int8.onnx", 1)(x.numpy())
+    assert np.abs(out - reference).max() < np.abs(out - without).max()
+
+
+# -- convert_tensorrt.py with the CPU runtimes ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """A DeiT-tiny (random weights) calibrated with cpu_int8 by test_qvit.py."""
+    from test_cli import deit_tiny_run
+
+    root = tmp_path_factory.mktemp("cpu")
+    checkpoint, run = deit_tiny_run(root, "--config", "cpu_int8", "--no-profile")
+    return root, checkpoint, run / "calibrated.pt"
+
+
+def test_unknown_runtime_is_refused_with_the_valid_names(calibrated_run, tmp_path):  # noqa: F811
+    _, checkpoint, calibrated_file = calibrated_run
+    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", tmp_path / "export",
+                         "--runtimes", "ort,onnxruntime")  # fmt: skip
+    assert_user_error(result, tmp_path / "export", "--runtimes 'ort,onnxruntime': unknown runtime 'onnxruntime'; valid: ort, openvino, tensorrt")
+
+
+def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu_run, tmp_path):
+    root, checkpoint, calibrated_file = cpu_run
+    out = tmp_path / "export"
+    refused = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out)
+    assert_user_error(refused, out, "recipe cpu_int8 cannot be deployed to TensorRT as calibrated")
+    assert "(mapped: uint8" in refused.stderr and "blocks.0." in refused.stderr
+    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out, "--runtimes", "ort,openvino",
+                         "--val-dir", root / "data" / "val", "--verify-images", 8, "--batch", 1, "--bench-iters", 1)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    report = json.loads((folder / "conversion.json").read_text())
+    assert {p["plan"] for p in report["points"]} == {"qdq"} and report["runtimes"] == ["ort", "openvino"]
+    assert report["tensorrt"]["built"] is False and "not requested" in report["tensorrt"]["reason"]
+    assert report["bytes"]["int8"] <= 0.30 * report["bytes"]["fp32"]
+    for runtime in ("ort", "openvino"):  # random weights: near-flat logits, so agreement is no test here (test_runtime_agrees_... is)
+        check = report["verify"][runtime]["int8"]
+        assert 0 <= check["top1_agreement"] <= 1 and check["logit_cosine_with_fp32"] > 0.9 and "top1" in check
+    assert report["openvino_ir_constant_bytes"]["i8"] > 5_000_000  # DeiT-tiny's 5.5M weights as int8
+    assert (folder / "int8.xml").is_file() and (folder / "int8.bin").is_file()
+
+
+def test_missing_openvino_is_one_line_and_the_rest_runs(calibrated_run, tmp_path):  # noqa: F811
+    _, checkpoint, calibrated_file = calibrated_run
+    shadow = tmp_path / "shadow" / "openvino"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named openvino (removed for this test)')\n")
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, str(ROOT / "convert_tensorrt.py"), "--model", MODEL, "--checkpoint", str(checkpoint), "--calibrated", str(calibrated_file),
+           "--out", str(tmp_path / "export"), "--runtimes", "ort,openvino", "--verify-images", "2", "--batch", "1", "--bench-iters", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if "OpenVINO" in line]
+    assert len(skipped) == 1 and "skipped (openvino does not import" in skipped[0]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert not (folder / "int8.xml").exists()
+    report = json.loads((folder / "conversion.json").read_text())
+    assert "ort" in report["verify"] and "openvino" not in report["verify"] and list(report["benchmark"]) == ["ort"]
+
+
+def test_fqvit_recipe_is_refused_for_the_cpu_runtimes_unless_fallback_is_allowed():
+    from convert_tensorrt import plan_export
+    from utils.errors import UserError
+
+    qvit = calibrated("fqvit_w8a8_att8")
+    with pytest.raises(UserError, match=r"cannot be deployed to ONNX Runtime and OpenVINO as calibrated: \d+ of \d+ quantization points") as info:
+        plan_export(qvit, ["ort", "openvino"], allow_fallback=False)
+    assert "blocks.0.norm1.input (float: power-of-two-factor" in str(info.value) and "--allow-fallback" in str(info.value)
+    plan = plan_export(qvit, ["ort"], allow_fallback=True)
+    assert {p.plan for p in plan} == {"qdq", "float"}  # uint8 kept for the CPU runtimes; log2 and PTF in float
+
+
+@pytest.mark.parametrize("value,message", [({"images": 0}, r"bias_correction.images must be an integer from 1"),
+                                           ({"rows": 5}, r"bias_correction: unknown key 'rows'; valid keys: images")])  # fmt: skip
+def test_bad_bias_correction_values_are_refused(value, message):
+    from quant_config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("trt_int8", {"bias_correction": value})

@@ -1,0 +1,98 @@
+"""The CPU runtimes an exported ONNX model is deployed to: ONNX Runtime and OpenVINO, one call each.
+
+Both take the same Q/DQ ONNX file (utils/onnx_export.py) and turn the QuantizeLinear/DequantizeLinear
+pairs into integer kernels: ONNX Runtime's QDQ transformer (MatMulIntegerToFloat, QLinearMatMul, ...),
+OpenVINO's low-precision transformations (the pairs become FakeQuantize, the int8 weights stay int8
+constants). A model is a callable ``images (numpy, NCHW float32) -> logits (numpy)``.
+
+OpenVINO is pinned to FP32 inference precision: on CPUs with bfloat16 units its default would run the
+float parts of both the FP32 and the INT8 model in bfloat16, which is a different model from the one
+PyTorch verified. TensorRT, which needs a GPU, lives in :mod:`utils.tensorrt_engine`.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "save_openvino_ir", "unavailable_reason", "ir_constant_types"]
+
+RUNTIMES = ("ort", "openvino", "tensorrt")
+CPU_RUNTIMES = ("ort", "openvino")
+TITLES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
+_PACKAGES = {"ort": "onnxruntime", "openvino": "openvino"}
+
+Model = Callable[[np.ndarray], np.ndarray]
+
+
+def parse_runtimes(text: str) -> list[str]:
+    """``"ort,openvino"`` -> ``["ort", "openvino"]``; an unknown name is a one-line error listing the valid ones."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RUNTIMES]
+    if unknown or not names:
+        what = f"unknown runtime {unknown[0]!r}" if unknown else "no runtime named"
+        raise UserError(f"--runtimes {text!r}: {what}; valid: {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
+def unavailable_reason(runtime: str) -> str | None:
+    """None where the CPU ``runtime`` can run here; otherwise why not, in one line."""
+    package = _PACKAGES[runtime]
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed (pip install -r requirements.txt)"
+    try:
+        importlib.import_module(package)
+    except (ImportError, OSError) as exc:
+        return f"{package} does not import ({' '.join(str(exc).split())})"
+    return None
+
+
+def _ort(path: Path, threads: int | None) -> Model:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"images": images})[0]
+
+
+def _openvino(path: Path, threads: int | None) -> Model:
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    return lambda images: request.infer({0: images})[0]
+
+
+def load_model(runtime: str, path: Path, threads: int | None = None) -> Model:
+    """``path`` (ONNX, or an OpenVINO IR ``.xml``) compiled for ``runtime`` on the CPU."""
+    return {"ort": _ort, "openvino": _openvino}[runtime](Path(path), threads)
+
+
+def save_openvino_ir(onnx_path: Path, xml_path: Path) -> None:
+    """Convert ``onnx_path`` to OpenVINO IR (``xml_path`` and the ``.bin`` beside it), weights as stored
+    in the ONNX model: int8 weights stay int8 (no FP16 compression of the float ones either)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+
+
+def ir_constant_types(xml_path: Path) -> Counter:
+    """Bytes of the IR's constants by element type (``i8``, ``u8``, ``f32``, ...), read from the ``.xml``."""
+    import xml.etree.ElementTree as ET
+
+    sizes: Counter = Counter()
+    for layer in ET.parse(xml_path).getroot().iter("layer"):
+        if layer.get("type") == "Const":
+            data = layer.find("data")
+            sizes[data.get("element_type")] += int(data.get("size", 0))
+    return sizes
