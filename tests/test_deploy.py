@@ -70,8 +70,19 @@ def test_uint8_activations_keep_their_zero_points(tmp_path):
     fc2 = points["blocks.0.mlp.fc2.input"]
     q = qvit.quantizers()["blocks.0.mlp.fc2.input_quant"]
     assert fc2.plan == "qdq" and fc2.qrange == (0, 255) and fc2.zero_point == int(q.zero_point) > 0
-    zero_points = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.UINT8]
-    assert zero_points and check_qdq(model) != [] and check_qdq(model, zero_points=True) == []
+    # A softmax output starts at 0: its zero point is 0, and it is still the uint8 grid it was calibrated on.
+    attention = points["blocks.0.attn.softmax.output"]
+    assert int(qvit.quantizers()["blocks.0.attn.softmax.output_quant"].zero_point) == 0
+    assert attention.plan == "qdq" and attention.zero_point == 0 and attention.qrange == (0, 255)
+    from onnx import numpy_helper
+
+    zero_points = [numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node if node.op_type == "Constant"]
+    zero_points += [numpy_helper.to_array(init) for init in model.graph.initializer if init.data_type == onnx.TensorProto.UINT8]
+    assert sum(z.dtype == np.uint8 for z in zero_points) >= 1
+    activations = [p for p in plan if not p.name.endswith(".weight")]
+    quantize_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize_nodes) == len(activations)  # one uint8 Q/DQ per activation point
+    assert check_qdq(model) != [] and check_qdq(model, zero_points=True) == []
     # For TensorRT (no zero points) the same points are mapped onto symmetric int8 instead.
     assert {p.plan for p in export_plan(qvit, zero_points=False) if not p.name.endswith(".weight")} == {"mapped"}
 
@@ -120,10 +131,13 @@ def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, runtime):
     x = torch.cat([tiny_images(16, seed=300 + i) for i in range(4)])
     with torch.no_grad():
         reference = qvit(x).numpy()  # the quantized PyTorch model itself, not the export hooks
+        with qvit.fp32():
+            fp32 = qvit(x).numpy()
     out = model(x.numpy())
     assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.99
-    # Integer kernels requantize and sum in another order: a small fraction of the logit range.
-    assert np.abs(out - reference).max() < 0.02 * np.abs(reference).max()
+    # Integer kernels sum in another order and round a few values the other way at ties: a small
+    # fraction of what quantization itself moves the logits.
+    assert np.abs(out - reference).mean() < 0.1 * np.abs(reference - fp32).mean()
 
 
 def test_openvino_ir_keeps_int8_weights(tmp_path):

@@ -56,7 +56,8 @@ class ExportPoint:
     reason: str
     scale: Tensor | None  # float32 scale(s) exported; None for float points
     axis: int | None  # channel axis for per-channel scales
-    zero_point: int = 0  # uint8 zero point of an asymmetric activation (CPU runtimes); 0 for int8
+    zero_point: int = 0  # of an asymmetric uint8 activation (CPU runtimes; may be 0, e.g. a softmax output)
+    unsigned: bool = False  # uint8 grid (asymmetric, CPU runtimes) rather than int8
 
     @property
     def quantized(self) -> bool:
@@ -64,8 +65,8 @@ class ExportPoint:
 
     @property
     def qrange(self) -> tuple[int, int]:
-        """The integer range of the exported grid: int8, or uint8 for a point with a zero point."""
-        return (UINT8_MIN, UINT8_MAX) if self.zero_point else (INT8_MIN, INT8_MAX)
+        """The integer range of the exported grid: int8, or uint8 for an asymmetric point."""
+        return (UINT8_MIN, UINT8_MAX) if self.unsigned else (INT8_MIN, INT8_MAX)
 
 
 def _plan(name: str, q: TensorQuantizer, zero_points: bool) -> ExportPoint:
@@ -89,7 +90,7 @@ def _plan(name: str, q: TensorQuantizer, zero_points: bool) -> ExportPoint:
         return ExportPoint(name, "float", "asymmetric per-channel weights", None, None)
     zero_point = int(q.zero_point)
     if zero_points:
-        return ExportPoint(name, "qdq", f"uint8, zero point {zero_point}", scale, None, zero_point)
+        return ExportPoint(name, "qdq", f"uint8, zero point {zero_point}", scale, None, zero_point, unsigned=True)
     lo = (bt.qmin - zero_point) * float(scale)
     hi = (bt.qmax - zero_point) * float(scale)
     mapped = torch.tensor(max(abs(lo), abs(hi)) / INT8_MAX)
@@ -278,8 +279,8 @@ def _consumers(model) -> dict[str, list]:
 def check_qdq(model, zero_points: bool = False) -> list[str]:
     """Problems with the Q/DQ layout: a QuantizeLinear not feeding DequantizeLinear nodes only, a
     DequantizeLinear not fed by a QuantizeLinear or an integer constant, a QuantizeLinear of a constant
-    (a weight not stored as integers), a non-zero zero point (allowed with ``zero_points``: uint8
-    activations for the CPU runtimes)."""
+    (a weight not stored as integers), a uint8 or non-zero zero point (allowed with ``zero_points``:
+    uint8 activations for the CPU runtimes)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers = _consumers(model)
     constants = _constants(model)
@@ -287,8 +288,9 @@ def check_qdq(model, zero_points: bool = False) -> list[str]:
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        if not zero_points and len(node.input) > 2 and constants.get(node.input[2]) is not None and constants[node.input[2]].any():
-            problems.append(f"{node.name or node.output[0]}: non-zero zero point")
+        zero = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if not zero_points and zero is not None and (zero.any() or zero.dtype != np.int8):
+            problems.append(f"{node.name or node.output[0]}: {zero.dtype} zero point {zero.flat[0]} (TensorRT takes int8, zero point 0)")
         if node.op_type == "QuantizeLinear" and node.input[0] in constants:
             problems.append(f"{node.name or node.output[0]}: QuantizeLinear of the constant {node.input[0]} (store it as integers)")
         if node.op_type == "QuantizeLinear":
