@@ -39,6 +39,7 @@ import numpy as np
 
 from quant_config import ConfigError
 from utils.errors import ArgumentParser, UserError, run_script
+from utils.metrics import logit_cosine, top1_accuracy, top1_agreement
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,29 +83,15 @@ def collect_logits(loader, models: dict[str, Callable]) -> tuple[dict[str, np.nd
     return {name: np.concatenate(parts) for name, parts in outputs.items()}, (np.concatenate(labels) if labels else None)
 
 
-def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
-    return float((logits.argmax(1) == reference.argmax(1)).mean())
-
-
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return 100 * float((logits.argmax(1) == labels).mean())
-
-
-def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the cosine similarity of two logit vectors."""
-    a, b = logits.astype(np.float64), reference.astype(np.float64)
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
-
-
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, fp32: np.ndarray | None = None) -> dict:
     """Top-1 agreement and logit |difference| with ``reference``; agreement and logit cosine with ``fp32``, top-1 (%) with ``labels``."""
     diff = np.abs(logits - reference)
-    result = {"top1_agreement": agreement(logits, reference), "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean())}
+    result = {"top1_agreement": top1_agreement(logits, reference), "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean())}
     if fp32 is not None:
-        result["top1_agreement_with_fp32"] = agreement(logits, fp32)
+        result["top1_agreement_with_fp32"] = top1_agreement(logits, fp32)
         result["logit_cosine_with_fp32"] = logit_cosine(logits, fp32)
     if labels is not None:
-        result["top1"] = top1(logits, labels)
+        result["top1"] = top1_accuracy(logits, labels)
     return result
 
 
@@ -268,7 +255,7 @@ def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtim
     reference, reference_fp32 = logits["torch_int8"], logits["torch_fp32"]
     report: dict = {"images": len(reference), "skipped": skipped, "pytorch_int8": compare(reference, reference_fp32, labels, reference_fp32)}
     if labels is not None:
-        report["pytorch_fp32_top1"] = top1(reference_fp32, labels)
+        report["pytorch_fp32_top1"] = top1_accuracy(reference_fp32, labels)
     print(f"      PyTorch fake-quant: {describe(report['pytorch_int8'], 'FP32')}")
     for runtime in compiled:
         fp32_diff = float(np.abs(logits[f"{runtime}_fp32"] - reference_fp32).max())

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes, load_recipe  # noqa: E402
 from utils.errors import ArgumentParser, UserError, run_script  # noqa: E402
+from utils.metrics import logit_cosine, top1_accuracy, top1_agreement  # noqa: E402
 
 if TYPE_CHECKING:
     from models.quant_vit import QVit
@@ -312,23 +313,13 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], smooth_quant: bool, xm
 # -- accuracy ---------------------------------------------------------------------------------------
 
 
-def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
-    return float((logits.argmax(1) == reference.argmax(1)).mean())
-
-
-def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the cosine similarity of two logit vectors."""
-    a, b = logits.astype(np.float64), reference.astype(np.float64)
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
-
-
 def accuracy_row(name: str, runtime: str, logits: np.ndarray, fp32: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {
         "system": name,
         "runtime": runtime,
-        "top1_agreement_with_fp32": agreement(logits, fp32),
+        "top1_agreement_with_fp32": top1_agreement(logits, fp32),
         "logit_cosine_with_fp32": logit_cosine(logits, fp32),
-        "top1": 100 * float((logits.argmax(1) == labels).mean()),
+        "top1": top1_accuracy(logits, labels),
     }
 
 

@@ -47,3 +47,16 @@ def test_never_predicted_class_and_absent_class_predictions():
     assert m.precision == pytest.approx((2 / 3 + 0.0) / 2)
     assert m.recall == pytest.approx((1.0 + 0.0) / 2)
     assert m.f1 == pytest.approx((0.8 + 0.0) / 2)
+
+
+def test_logit_comparisons_match_a_plain_loop():
+    from utils.metrics import logit_cosine, top1_accuracy, top1_agreement
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((50, 7)), rng.standard_normal((50, 7))
+    b[:20] = a[:20] * 2.0  # same direction: cosine 1, same argmax
+    labels = rng.integers(0, 7, 50)
+    cos = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+    assert logit_cosine(a, b) == pytest.approx(sum(cos) / 50, abs=1e-12)
+    assert top1_agreement(a, b) == sum(int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)) / 50
+    assert top1_accuracy(a, labels) == pytest.approx(100 * sum(int(np.argmax(x) == t) for x, t in zip(a, labels)) / 50)

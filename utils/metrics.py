@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ClassificationMetrics", "classification_metrics"]
+__all__ = ["ClassificationMetrics", "classification_metrics", "logit_cosine", "top1_accuracy", "top1_agreement"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,19 @@ def classification_metrics(labels: np.ndarray, topk: np.ndarray) -> Classificati
         f1=float(f1.mean()),
         samples=n,
     )
+
+
+def top1_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of images whose top-1 class is the same in ``logits`` and ``reference``."""
+    return float((logits.argmax(1) == reference.argmax(1)).mean())
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return 100 * float((logits.argmax(1) == labels).mean())
+
+
+def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the cosine similarity of two logit vectors (float64)."""
+    a, b = logits.astype(np.float64), reference.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
