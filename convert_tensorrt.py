@@ -156,7 +156,7 @@ def plan_export(qvit, runtimes: list[str], allow_fallback: bool) -> list:
     from utils.runtimes import CPU_RUNTIMES, TITLES
     from utils.tensorrt_engine import check_deployable as check_tensorrt
 
-    plan = export_plan(qvit, zero_points="tensorrt" not in runtimes)
+    plan = export_plan(qvit, zero_points=uses_zero_points(runtimes))
     if not allow_fallback:
         if "tensorrt" in runtimes:
             check_tensorrt(plan, qvit.recipe.name)
@@ -167,12 +167,17 @@ def plan_export(qvit, runtimes: list[str], allow_fallback: bool) -> list:
     return plan
 
 
+def uses_zero_points(runtimes: list[str]) -> bool:
+    """uint8 activations keep their zero points unless TensorRT (zero point 0 only) is to run the same file."""
+    return "tensorrt" not in runtimes
+
+
 def export_step(qvit, folder: Path, size: tuple[int, int], plan: list, runtimes: list[str], opset: int) -> dict:
     from utils.onnx_export import export_onnx
 
     print(f"[1/4] export: {qvit.recipe.name} to ONNX opset {opset}, FP32 and Q/DQ INT8 with int8 weights")
     export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=opset)
-    export_onnx(qvit, folder / "int8.raw.onnx", size, quantized=True, opset=opset, zero_points="tensorrt" not in runtimes)
+    export_onnx(qvit, folder / "int8.raw.onnx", size, quantized=True, opset=opset, zero_points=uses_zero_points(runtimes))
     counts = {k: sum(p.plan == k for p in plan) for k in ("qdq", "mapped", "float")}
     print(f"      {counts['qdq']} points exported as calibrated, {counts['mapped']} mapped to symmetric int8, {counts['float']} left in float")
     for p in plan:
@@ -192,7 +197,7 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
         tool = simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx")
         (folder / f"{name}.raw.onnx").unlink()
     model = onnx.load(str(folder / "int8.onnx"))
-    problems = check_qdq(model, zero_points="tensorrt" not in runtimes)
+    problems = check_qdq(model, zero_points=uses_zero_points(runtimes))
     if problems:
         raise UserError(f"Q/DQ layout broken after simplification: {problems[0]} (and {len(problems) - 1} more)")
     sizes = {name: (folder / f"{name}.onnx").stat().st_size for name in ("fp32", "int8")}
