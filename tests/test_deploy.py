@@ -223,6 +223,12 @@ def test_bias_correction_changes_only_the_quantized_model_and_survives_saving(tm
     with torch.no_grad(), qvit_fresh.fp32():
         torch.testing.assert_close(fp32, qvit_fresh(x), rtol=0, atol=1e-5)  # FP32 mode: the original model
     assert not torch.allclose(corrected, uncorrected, atol=1e-6)
+    for q in qvit.quantizers().values():  # every quantizer switched off (the profiler's switch): no correction either
+        q.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(qvit(x), fp32, rtol=0, atol=0)
+    for q in qvit.quantizers().values():
+        q.enabled = True
     save_calibrated(qvit, tmp_path / "c.pt", "tiny", weights_sha256(make_tiny_vit()), None)
     record, recipe = read_calibrated(tmp_path / "c.pt")
     assert sum(k.endswith(".bias_correction") for k in record["quantizers"]) == 10

@@ -40,12 +40,17 @@ class _BiasCorrected:
     bias: nn.Parameter | None
     state: QuantState
     bias_correction: Tensor | None
+    input_quant: TensorQuantizer
+    weight_quant: TensorQuantizer
 
     def set_bias_correction(self, value: Tensor) -> None:
         self.bias_correction = value.detach().clone()
 
     def quant_bias(self) -> Tensor | None:
-        if self.bias_correction is None or self.state.mode not in (QuantMode.QUANT, QuantMode.EXPORT):
+        """The bias, corrected when the layer runs quantized (a user switch that turns both of its
+        quantizers off, as the profiler's isolated view does, turns the correction off too)."""
+        quantized = self.input_quant.enabled or self.weight_quant.enabled
+        if self.bias_correction is None or not quantized or self.state.mode not in (QuantMode.QUANT, QuantMode.EXPORT):
             return self.bias
         return self.bias_correction if self.bias is None else self.bias + self.bias_correction
 
