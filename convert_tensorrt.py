@@ -261,7 +261,9 @@ def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtim
     report: dict = {"images": len(reference), "skipped": skipped, "pytorch_int8": compare(reference, reference_fp32, labels, reference_fp32)}
     if labels is not None:
         report["pytorch_fp32_top1"] = top1_accuracy(reference_fp32, labels)
-    print(f"      PyTorch fake-quant: {describe(report['pytorch_int8'], 'FP32')}")
+    fake_quant = report["pytorch_int8"]
+    print(f"      PyTorch fake-quant: top-1 agreement with FP32 {fake_quant['top1_agreement']:.4f}, logit cosine {fake_quant['logit_cosine_with_fp32']:.4f}"
+          + (f", top-1 {fake_quant['top1']:.2f}% (FP32 {report['pytorch_fp32_top1']:.2f}%)" if labels is not None else ""))  # fmt: skip
     for runtime in compiled:
         fp32_diff = float(np.abs(logits[f"{runtime}_fp32"] - reference_fp32).max())
         check = compare(logits[f"{runtime}_int8"], reference, labels, reference_fp32)

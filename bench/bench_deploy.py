@@ -310,6 +310,17 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], smooth_quant: bool, xm
     return seconds
 
 
+def deployed(kind: str, runtime: str, path: Path) -> Path:
+    """The file a runtime runs: our INT8 exports go to OpenVINO as the IR that convert_tensorrt.py writes."""
+    if kind != "ours" or runtime != "openvino":
+        return path
+    from utils.runtimes import save_openvino_ir
+
+    xml = path.with_suffix(".xml")
+    save_openvino_ir(path, xml)
+    return xml
+
+
 # -- accuracy ---------------------------------------------------------------------------------------
 
 
@@ -449,9 +460,9 @@ def bench_model(model_name: str, recipes: list[str], batches: list[int], args: a
         fp32_bytes = fp32_onnx.stat().st_size
         result["sizes"] = [{"file": label, "bytes": p.stat().st_size, "ratio_to_fp32_onnx": p.stat().st_size / fp32_bytes} for label, p in files]
 
-        step(f"{model_name}: compiling every model ({args.threads} threads)")
+        step(f"{model_name}: compiling every model ({args.threads} threads); our exports in OpenVINO from the IR convert_tensorrt.py writes")
         systems = [
-            System(name, kind, runtime, path, load_model(runtime, path, args.threads))
+            System(name, kind, runtime, path, load_model(runtime, deployed(kind, runtime, path), args.threads))
             for name, kind, path in entries
             for runtime in (("openvino",) if kind == "nncf" else ("ort", "openvino"))
         ]
