@@ -312,7 +312,7 @@ def convert(args: argparse.Namespace) -> Path:
         report["verify"], compiled, logits, labels = verify_step(args, qvit, plan, folder, runtimes, loader, source)
         report["benchmark"] = benchmark_step(compiled, batches, size, args.bench_iters)
         print("[4/4] TensorRT")
-        reason = unavailable_reason() if "tensorrt" in runtimes else "not requested (--onnx-only or --runtimes)"
+        reason = unavailable_reason() or (None if "tensorrt" in runtimes else "not requested (--onnx-only or --runtimes)")
         if reason is None:
             report["tensorrt"] = tensorrt_engines(args, folder, batches, size, loader, logits, labels)
             reason = report["tensorrt"].get("reason")

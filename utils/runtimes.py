@@ -11,6 +11,8 @@ PyTorch verified. TensorRT, which needs a GPU, lives in :mod:`utils.tensorrt_eng
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from collections import Counter
 from collections.abc import Callable
@@ -63,14 +65,22 @@ def _ort(path: Path, threads: int | None) -> Model:
     return lambda images: session.run(None, {"images": images})[0]
 
 
-def _openvino(path: Path, threads: int | None) -> Model:
+@functools.cache
+def _openvino_core():
+    """One OpenVINO Core per process, as OpenVINO advises: each Core loads its plugins, and compiled models
+    outliving the Core that made them have crashed the interpreter when collected later."""
     import openvino as ov
 
+    return ov.Core()
+
+
+def _openvino(path: Path, threads: int | None) -> Model:
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
-    return lambda images: request.infer({0: images})[0]
+    compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda images, compiled=compiled: request.infer({0: images})[0]  # the request with its compiled model
 
 
 def load_model(runtime: str, path: Path, threads: int | None = None) -> Model:
@@ -88,7 +98,7 @@ def save_openvino_ir(onnx_path: Path, xml_path: Path) -> None:
     """
     import openvino as ov
 
-    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    ov.save_model(_openvino_core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
 
 
 def ir_constant_types(xml_path: Path) -> Counter:
