@@ -102,11 +102,10 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
     if qvit.needs_range_pass:
         passes.append(("ranges", qvit.observing_ranges, math.inf))
     passes.append(("calibrate", qvit.calibrating, math.inf))
+    world = dist.get_world_size() if distributed() else 1  # image budgets below are shared by the processes
     if qvit.recipe.scale_search is not None:
-        world = dist.get_world_size() if distributed() else 1
         passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
     if qvit.recipe.bias_correction is not None:
-        world = dist.get_world_size() if distributed() else 1
         passes.append(("correct biases", qvit.correcting_biases, math.ceil(qvit.recipe.bias_correction.images / world)))
     calibrated_images = calibrated_unreadable = 0
     for name, context, limit in passes:

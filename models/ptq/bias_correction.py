@@ -40,8 +40,8 @@ class InputMeans:
         self.count = 0
 
     def update(self, x: Tensor, x_q: Tensor) -> None:
-        x, x_q = x.detach().double(), x_q.detach().double()
-        sx, sq = x.sum(0), x_q.sum(0)
+        # Summed in float64 without a float64 copy of the batch (the calibration hot path).
+        sx, sq = x.detach().sum(0, dtype=torch.float64), x_q.detach().sum(0, dtype=torch.float64)
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
         self.sum_q = sq if self.sum_q is None else self.sum_q + sq
         self.count += len(x)
@@ -63,14 +63,9 @@ def _rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _quantized_input(module: nn.Module, x: Tensor) -> Tensor:
-    q = module.input_quant
-    return q.fake_quant(x) if q.spec is not None and q.enabled and q.is_calibrated else x
-
-
-def _quantized_weight(module: nn.Module) -> Tensor:
-    q = module.weight_quant
-    return q.fake_quant(module.weight) if q.spec is not None and q.enabled and q.is_calibrated else module.weight
+def _quantized(q, t: Tensor) -> Tensor:
+    """``t`` as the quantized model sees it: fake-quantized by ``q`` where that point is quantized."""
+    return q.fake_quant(t) if q.spec is not None and q.enabled and q.is_calibrated else t
 
 
 @contextlib.contextmanager
@@ -81,7 +76,7 @@ def layer_inputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, InputMeans]
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            means[name].update(_rows(module, x), _rows(module, _quantized_input(module, x)))
+            means[name].update(_rows(module, x), _rows(module, _quantized(module.input_quant, x)))
 
         return record
 
@@ -97,7 +92,7 @@ def layer_inputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, InputMeans]
 def mean_output_shift(module: nn.Module, means: InputMeans) -> Tensor:
     """``W E[x] - W_q E[x_q]`` per output channel (float64), from the sums of :func:`layer_inputs`."""
     weight = module.weight.detach().double().reshape(module.weight.shape[0], -1)
-    weight_q = _quantized_weight(module).detach().double().reshape(weight.shape)
+    weight_q = _quantized(module.weight_quant, module.weight).detach().double().reshape(weight.shape)
     return weight @ (means.sum_x / means.count) - weight_q @ (means.sum_q / means.count)
 
 
