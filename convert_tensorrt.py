@@ -9,7 +9,8 @@ Steps, each with a progress line:
   1. export   FP32 and Q/DQ INT8 ONNX (utils/onnx_export.py says which points are exported, mapped or
               float); every quantized weight stored as int8 feeding a DequantizeLinear
   2. simplify onnxslim, onnx.checker, every Q directly followed by its DQ, no QuantizeLinear on a weight;
-              the OpenVINO IR (int8.xml/.bin, int8 weights) when OpenVINO is among the runtimes
+              each CPU runtime's own form of int8.onnx: the OpenVINO IR (int8.xml/.bin, int8 weights),
+              ONNX Runtime's int8.ort.onnx (Linear biases inside MatMulIntegerToFloat, utils/ort_model.py)
   3. verify   each CPU runtime against PyTorch (FP32 to 1e-4; INT8 top-1 agreement and logit
               differences against the fake-quant model and FP32), then INT8 vs FP32 latency and
               throughput at each --batch in that runtime, the two models timed alternately
@@ -190,7 +191,7 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
     import onnx
 
     from utils.onnx_export import check_qdq, simplify, weight_initializers
-    from utils.runtimes import ir_constant_types, save_openvino_ir, unavailable_reason
+    from utils.runtimes import CPU_RUNTIMES, save_deployed, unavailable_reason
 
     print("[2/4] simplify and check")
     for name in ("fp32", "int8"):
@@ -205,11 +206,16 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
     print(f"      {tool}; onnx.checker passed; every QuantizeLinear directly followed by its DequantizeLinear")
     print(f"      {len(weights)} weights stored as int8; int8.onnx {sizes['int8'] / 2**20:.1f} MiB = {sizes['int8'] / sizes['fp32']:.2f}x fp32.onnx")
     report = {"simplifier": tool, "int8_weights": len(weights), "bytes": sizes}
-    if "openvino" in runtimes and unavailable_reason("openvino") is None:
-        save_openvino_ir(folder / "int8.onnx", folder / "int8.xml")
-        types = ir_constant_types(folder / "int8.xml")
-        report["openvino_ir_constant_bytes"] = dict(types)
-        print(f"      OpenVINO IR int8.xml/.bin: constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in types.most_common())}")
+    for runtime in (r for r in CPU_RUNTIMES if r in runtimes and unavailable_reason(r) is None):
+        path, facts = save_deployed(runtime, folder / "int8.onnx")
+        report.update(facts)
+        if runtime == "openvino":
+            types = facts["openvino_ir_constant_bytes"]
+            print(f"      OpenVINO IR {path.name}/.bin: constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in sorted(types.items(), key=lambda kv: -kv[1]))}")
+        else:
+            rewrite = facts["ort_model"]
+            print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat, "
+                  f"{rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128")  # fmt: skip
     return report
 
 
@@ -234,7 +240,7 @@ def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtim
     import torch
 
     from utils.onnx_export import qdq_hooks
-    from utils.runtimes import CPU_RUNTIMES, TITLES, load_model, unavailable_reason
+    from utils.runtimes import CPU_RUNTIMES, DEPLOYED_SUFFIXES, TITLES, load_model, unavailable_reason
 
     print(f"[3/4] verify in the CPU runtimes on {source}")
     compiled: dict[str, dict] = {}
@@ -245,7 +251,7 @@ def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtim
             skipped[runtime] = reason
             print(f"      {TITLES[runtime]}: skipped ({reason})")
             continue
-        int8 = folder / ("int8.xml" if runtime == "openvino" else "int8.onnx")
+        int8 = folder / ("int8" + DEPLOYED_SUFFIXES[runtime])
         compiled[runtime] = {"fp32": load_model(runtime, folder / "fp32.onnx", args.threads), "int8": load_model(runtime, int8, args.threads)}
 
     def torch_logits(x: torch.Tensor, fake_quant: bool) -> np.ndarray:

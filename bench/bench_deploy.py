@@ -17,7 +17,8 @@ thread count (``--threads``, for PyTorch and every runtime) for every system:
   and off, run in OpenVINO;
 * each of ``--recipes``: calibrated by utils.engine.calibrate on the same calibration images,
   exported with uint8 activations and zero points (what the CPU runtimes take) and int8 weights,
-  simplified, run in ONNX Runtime and in OpenVINO. A recipe that does not exist is skipped.
+  simplified, run in ONNX Runtime and in OpenVINO in the form convert_tensorrt.py ships to each
+  (int8.ort.onnx, the OpenVINO IR: utils.runtimes.save_deployed). A recipe that does not exist is skipped.
 
 Accuracy (DeiT-tiny with the real ``--checkpoint`` only; other models get random weights, are timed
 only and calibrated on ``--speed-calib-images`` images to keep them quick): per system and runtime, top-1 agreement and mean logit cosine with the PyTorch FP32
@@ -311,14 +312,13 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], smooth_quant: bool, xm
 
 
 def deployed(kind: str, runtime: str, path: Path) -> Path:
-    """The file a runtime runs: our INT8 exports go to OpenVINO as the IR that convert_tensorrt.py writes."""
-    if kind != "ours" or runtime != "openvino":
+    """The file a runtime runs: our INT8 exports in each runtime's own form, as convert_tensorrt.py
+    writes it (OpenVINO IR, ONNX Runtime's int8.ort.onnx)."""
+    if kind != "ours" or runtime not in ("ort", "openvino"):
         return path
-    from utils.runtimes import save_openvino_ir
+    from utils.runtimes import save_deployed
 
-    xml = path.with_suffix(".xml")
-    save_openvino_ir(path, xml)
-    return xml
+    return save_deployed(runtime, path)[0]
 
 
 # -- accuracy ---------------------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def bench_model(model_name: str, recipes: list[str], batches: list[int], args: a
         fp32_bytes = fp32_onnx.stat().st_size
         result["sizes"] = [{"file": label, "bytes": p.stat().st_size, "ratio_to_fp32_onnx": p.stat().st_size / fp32_bytes} for label, p in files]
 
-        step(f"{model_name}: compiling every model ({args.threads} threads); our exports in OpenVINO from the IR convert_tensorrt.py writes")
+        step(f"{model_name}: compiling every model ({args.threads} threads); our exports in the forms convert_tensorrt.py writes")
         systems = [
             System(name, kind, runtime, path, load_model(runtime, deployed(kind, runtime, path), args.threads))
             for name, kind, path in entries

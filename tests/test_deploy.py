@@ -126,12 +126,12 @@ def test_simplifiers_keep_int8_weights_and_adjacent_pairs(tmp_path, tool):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("recipe,overrides", [("trt_int8", {}), ("cpu_int8", {}), ("cpu_int8", UINT8_ATTENTION)], ids=["trt_int8", "cpu_int8", "uint8_attention"])
 def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, overrides, runtime):
-    from utils.runtimes import load_model
+    from utils.runtimes import load_model, save_deployed
 
     qvit = calibrated(recipe, **overrides)
     plan, _ = exported(qvit, tmp_path, zero_points=recipe == "cpu_int8")
     assert {p.plan for p in plan} == {"qdq"}  # exported exactly as calibrated: the fake-quant model is what deploys
-    model = load_model(runtime, tmp_path / "int8.onnx", threads=1)
+    model = load_model(runtime, save_deployed(runtime, tmp_path / "int8.onnx")[0], threads=1)  # the form that ships to it
     x = torch.cat([tiny_images(16, seed=300 + i) for i in range(4)])
     with torch.no_grad():
         reference = qvit(x).numpy()  # the quantized PyTorch model itself, not the export hooks
@@ -142,6 +142,53 @@ def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, overrides, r
     # Integer kernels sum in another order and round a few values the other way at ties: a small
     # fraction of what quantization itself moves the logits.
     assert np.abs(out - reference).mean() < 0.1 * np.abs(reference - fp32).mean()
+
+
+# Without a qkv bias: trt_int8 without reparam (its shift, and cpu_int8's bias correction, give every Linear one).
+@pytest.mark.parametrize("recipe,overrides,qkv_bias", [("trt_int8", {}, True), ("trt_int8", {"reparam": None}, False), ("cpu_int8", {}, True), ("cpu_int8", UINT8_ATTENTION, True)],
+                         ids=["trt_int8", "trt_int8_no_qkv_bias", "cpu_int8", "uint8_attention"])  # fmt: skip
+def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, overrides, qkv_bias):
+    from onnx import numpy_helper
+
+    from utils.ort_model import save_ort_model
+    from utils.runtimes import load_model
+
+    vit = make_tiny_vit(qkv_bias=qkv_bias)
+    with torch.no_grad():  # timm starts biases at 0, and the simplifier drops an Add of zeros
+        for module in vit.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.05)
+    qvit = calibrated(recipe, model=vit, **overrides)
+    _, source = exported(qvit, tmp_path, zero_points=recipe == "cpu_int8")
+    rewrite = save_ort_model(tmp_path / "int8.onnx", tmp_path / "int8.ort.onnx")
+    model = onnx.load(str(tmp_path / "int8.ort.onnx"))
+    onnx.checker.check_model(model)
+    depth = len(vit.blocks)
+    fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
+    assert rewrite.linears_fused == len(fused) == 4 * depth  # qkv, proj, fc1, fc2 of every block
+    assert sum(len(n.input) == 7 for n in fused) == len(fused) - (0 if qkv_bias else depth)  # each with its bias, if it has one
+    assert [n.op_type for n in model.graph.node].count("Add") == [n.op_type for n in source.graph.node].count("Add") - sum(len(n.input) == 7 for n in fused)
+    # Weights reach float kernels only in the patch embedding's Conv and the head's Gemm; every
+    # activation pair is uint8, and the shifted ones are the source's int8 activation pairs.
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values]
+    assert {op for n in weight_dqs for op in users[n.output[0]]} <= {"Conv", "Gemm"}
+    zeros = [values[n.input[2]].dtype for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in values]
+    assert zeros and set(zeros) == {np.dtype(np.uint8)}
+    source_values = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    assert rewrite.activations_shifted == sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in source_values
+                                              and source_values[n.input[2]].dtype == np.int8 for n in source.graph.node)  # fmt: skip
+    # The integer weights are the exported ones, transposed to [in, out], bit for bit.
+    stored = [w.T.tobytes() for w in weight_initializers(source).values() if w.ndim == 2]
+    for node in fused:
+        stored.remove(values[node.input[1]].tobytes())
+    x = torch.cat([tiny_images(16, seed=500 + i) for i in range(2)]).numpy()
+    before, after = load_model("ort", tmp_path / "int8.onnx", 1)(x), load_model("ort", tmp_path / "int8.ort.onnx", 1)(x)
+    np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
 
 
 def test_openvino_ir_keeps_int8_weights(tmp_path):
@@ -301,6 +348,8 @@ def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu
         assert 0 <= check["top1_agreement"] <= 1 and check["logit_cosine_with_fp32"] > 0.9 and "top1" in check
     assert report["openvino_ir_constant_bytes"]["i8"] > 5_000_000  # DeiT-tiny's 5.5M weights as int8
     assert (folder / "int8.xml").is_file() and (folder / "int8.bin").is_file()
+    assert (folder / "int8.ort.onnx").is_file() and report["ort_model"]["linears_fused"] == 4 * 12  # DeiT-tiny: 12 blocks
+    assert "ONNX Runtime form int8.ort.onnx: 48 Linears with their bias" in result.stdout
 
 
 def test_missing_openvino_is_one_line_and_the_rest_runs(calibrated_run, tmp_path):  # noqa: F811

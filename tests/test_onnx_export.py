@@ -131,7 +131,7 @@ def test_convert_onnx_only_end_to_end(calibrated_run, tmp_path):
         assert step in result.stdout
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert folder.parent == out
-    assert sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.bin", "int8.onnx", "int8.xml"]
+    assert sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.bin", "int8.onnx", "int8.ort.onnx", "int8.xml"]
     report = json.loads((folder / "conversion.json").read_text())
     assert report["verify"]["images"] == 4
     for runtime in ("ort", "openvino"):

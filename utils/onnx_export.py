@@ -38,6 +38,7 @@ from models.ptq.quantizers import UniformQuantizer
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
 from utils.errors import UserError
+from utils import onnx_graph
 from utils.profiler import point_name
 
 __all__ = [
@@ -199,8 +200,8 @@ def store_int8_weights(model) -> int:
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
-    constants = _constants(model)
-    consumers = _consumers(model)
+    constants = onnx_graph.constants(model)
+    consumers = onnx_graph.consumers(model)
     stored = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
@@ -232,7 +233,7 @@ def store_int8_weights(model) -> int:
 
 def weight_initializers(model) -> dict[str, np.ndarray]:
     """The integer initializers read by a DequantizeLinear (the stored weights), by name."""
-    constants = _constants(model)
+    constants = onnx_graph.constants(model)
     integer = (np.int8, np.uint8)
     return {
         node.input[0]: constants[node.input[0]] for node in model.graph.node
@@ -258,32 +259,14 @@ def simplify(source: Path, target: Path) -> str:
     return f"onnxslim {onnxslim.__version__}"
 
 
-def _constants(model) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
-def _consumers(model) -> dict[str, list]:
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
-
-
 def check_qdq(model, zero_points: bool = False) -> list[str]:
     """Problems with the Q/DQ layout: a QuantizeLinear not feeding DequantizeLinear nodes only, a
     DequantizeLinear not fed by a QuantizeLinear or an integer constant, a QuantizeLinear of a constant
     (a weight not stored as integers), a uint8 or non-zero zero point (allowed with ``zero_points``:
     uint8 activations for the CPU runtimes)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers = _consumers(model)
-    constants = _constants(model)
+    producers = onnx_graph.producers(model)
+    consumers = onnx_graph.consumers(model)
+    constants = onnx_graph.constants(model)
     problems = []
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -306,7 +289,7 @@ def check_qdq(model, zero_points: bool = False) -> list[str]:
 
 def qdq_scales(model) -> list[tuple[np.ndarray, int]]:
     """(scale, axis) of every DequantizeLinear, in graph order."""
-    constants = _constants(model)
+    constants = onnx_graph.constants(model)
     result = []
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear":

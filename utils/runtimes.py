@@ -1,9 +1,11 @@
 """The CPU runtimes an exported ONNX model is deployed to: ONNX Runtime and OpenVINO, one call each.
 
-Both take the same Q/DQ ONNX file (utils/onnx_export.py) and turn the QuantizeLinear/DequantizeLinear
+Both read the Q/DQ ONNX file (utils/onnx_export.py) and turn the QuantizeLinear/DequantizeLinear
 pairs into integer kernels: ONNX Runtime's QDQ transformer (MatMulIntegerToFloat, QLinearMatMul, ...),
 OpenVINO's low-precision transformations (the pairs become FakeQuantize, the int8 weights stay int8
-constants). A model is a callable ``images (numpy, NCHW float32) -> logits (numpy)``.
+constants). :func:`save_deployed` writes each runtime's own form of it, the file that is verified,
+timed and shipped: the OpenVINO IR, and ONNX Runtime's form (utils/ort_model.py: Linear biases inside
+the integer kernels). A model is a callable ``images (numpy, NCHW float32) -> logits (numpy)``.
 
 OpenVINO is pinned to FP32 inference precision: on CPUs with bfloat16 units its default would run the
 float parts of both the FP32 and the INT8 model in bfloat16, which is a different model from the one
@@ -22,12 +24,13 @@ import numpy as np
 
 from utils.errors import UserError
 
-__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "save_openvino_ir", "unavailable_reason", "ir_constant_types"]
+__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "save_deployed", "save_openvino_ir", "unavailable_reason", "ir_constant_types"]
 
 RUNTIMES = ("ort", "openvino", "tensorrt")
 CPU_RUNTIMES = ("ort", "openvino")
 TITLES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
 _PACKAGES = {"ort": "onnxruntime", "openvino": "openvino"}
+DEPLOYED_SUFFIXES = {"ort": ".ort.onnx", "openvino": ".xml"}  # int8.onnx -> int8.ort.onnx, int8.xml
 
 Model = Callable[[np.ndarray], np.ndarray]
 
@@ -111,3 +114,17 @@ def ir_constant_types(xml_path: Path) -> Counter:
             data = layer.find("data")
             sizes[data.get("element_type")] += int(data.get("size", 0))
     return sizes
+
+
+def save_deployed(runtime: str, int8_onnx: Path) -> tuple[Path, dict]:
+    """Write ``runtime``'s own form of the Q/DQ model ``int8_onnx`` beside it; returns its path and what it
+    holds (for the report): the IR's constant bytes by type, or what ONNX Runtime's rewrite changed."""
+    import dataclasses
+
+    target = Path(int8_onnx).with_name(Path(int8_onnx).name.removesuffix(".onnx") + DEPLOYED_SUFFIXES[runtime])
+    if runtime == "openvino":
+        save_openvino_ir(int8_onnx, target)
+        return target, {"openvino_ir_constant_bytes": dict(ir_constant_types(target))}
+    from utils.ort_model import save_ort_model
+
+    return target, {"ort_model": dataclasses.asdict(save_ort_model(int8_onnx, target))}
