@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -52,10 +52,35 @@ DEFAULT_RECIPE = "fqvit_w8a8_att8"
 KINDS = ("weight", "activation", "layernorm_input", "attention")
 CALIBRATION_MODES = ("layer_wise", "channel_wise")
 SEARCH_METRICS = ("fisher", "output")
+# The names models.ptq's registries resolve (tests/test_config.py checks that they hold exactly these):
+# listed here so that this module imports nothing of the library.
+OBSERVER_NAMES = ("kl", "minmax", "omse", "percentile")
+QUANTIZER_NAMES = ("log2", "log_sqrt2", "twin_uniform", "uniform")
 
 
 class ConfigError(ValueError):
     """A recipe value is invalid; the message is one line meant for the user."""
+
+
+def _check_bool(where: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _check_int(where: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+def _check_number(where: str, value: Any, inside: Callable[[float], bool], interval: str) -> None:
+    """``value`` is a real number (bool excluded) for which ``inside`` holds; ``interval`` says which, in words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):
+        raise ConfigError(f"{where} must be {interval}, got {value!r}")
+
+
+def _check_name(where: str, what: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{where}: unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -79,10 +104,8 @@ class BitTypeConfig:
         return f"{'int' if symmetric else 'uint'}{bits}"
 
     def validate(self, where: str) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise ConfigError(f"{where}.bits must be an integer from 2 to 16, got {self.bits!r}")
-        if not isinstance(self.symmetric, bool):
-            raise ConfigError(f"{where}.symmetric must be true or false, got {self.symmetric!r}")
+        _check_int(f"{where}.bits", self.bits, 2, 16)
+        _check_bool(f"{where}.symmetric", self.symmetric)
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{where}.name must be a non-empty string, got {self.name!r}")
 
@@ -109,26 +132,14 @@ class QuantizerSpec:
 
     def validate_values(self, where: str) -> None:
         """Each field on its own: names that exist, numbers in range."""
-        from models.ptq.observers import OBSERVERS
-        from models.ptq.quantizers import QUANTIZERS
-
         self.bit_type.validate(f"{where}.bit_type")
-        if self.observer not in OBSERVERS:
-            raise ConfigError(f"{where}.observer: unknown observer {self.observer!r}; valid: {', '.join(sorted(OBSERVERS))}")
-        if self.quantizer not in QUANTIZERS:
-            raise ConfigError(f"{where}.quantizer: unknown quantizer {self.quantizer!r}; valid: {', '.join(sorted(QUANTIZERS))}")
-        if self.calibration_mode not in CALIBRATION_MODES:
-            raise ConfigError(
-                f"{where}.calibration_mode: unknown mode {self.calibration_mode!r}; valid: {', '.join(CALIBRATION_MODES)}"
-            )
-        if not isinstance(self.percentile, (int, float)) or isinstance(self.percentile, bool) or not 0.5 < self.percentile <= 1.0:
-            raise ConfigError(f"{where}.percentile must be in (0.5, 1], got {self.percentile!r}")
-        if isinstance(self.hist_bins, bool) or not isinstance(self.hist_bins, int) or not 256 <= self.hist_bins <= 65536:
-            raise ConfigError(f"{where}.hist_bins must be an integer from 256 to 65536, got {self.hist_bins!r}")
-        if isinstance(self.ptf_levels, bool) or not isinstance(self.ptf_levels, int) or not 1 <= self.ptf_levels <= 8:
-            raise ConfigError(f"{where}.ptf_levels must be an integer from 1 to 8, got {self.ptf_levels!r}")
-        if not isinstance(self.power_of_two_factor, bool):
-            raise ConfigError(f"{where}.power_of_two_factor must be true or false, got {self.power_of_two_factor!r}")
+        _check_name(f"{where}.observer", "observer", self.observer, OBSERVER_NAMES)
+        _check_name(f"{where}.quantizer", "quantizer", self.quantizer, QUANTIZER_NAMES)
+        _check_name(f"{where}.calibration_mode", "mode", self.calibration_mode, CALIBRATION_MODES)
+        _check_number(f"{where}.percentile", self.percentile, lambda v: 0.5 < v <= 1.0, "in (0.5, 1]")
+        _check_int(f"{where}.hist_bins", self.hist_bins, 256, 65536)
+        _check_int(f"{where}.ptf_levels", self.ptf_levels, 1, 8)
+        _check_bool(f"{where}.power_of_two_factor", self.power_of_two_factor)
 
     def validate_combination(self, where: str, kind: str) -> None:
         """The fields together, for a tensor of ``kind``."""
@@ -169,10 +180,8 @@ class ReparamSpec:
     shift: bool = True
 
     def validate(self, where: str) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"{where}.alpha must be a number from 0 to 1, got {self.alpha!r}")
-        if not isinstance(self.shift, bool):
-            raise ConfigError(f"{where}.shift must be true or false, got {self.shift!r}")
+        _check_number(f"{where}.alpha", self.alpha, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
+        _check_bool(f"{where}.shift", self.shift)
 
 
 @dataclass(frozen=True)
@@ -194,14 +203,10 @@ class ScaleSearchSpec:
     rows: int = 2048
 
     def validate(self, where: str) -> None:
-        if self.metric not in SEARCH_METRICS:
-            raise ConfigError(f"{where}.metric: unknown metric {self.metric!r}; valid: {', '.join(SEARCH_METRICS)}")
+        _check_name(f"{where}.metric", "metric", self.metric, SEARCH_METRICS)
         for key, lo, hi in (("candidates", 2, 256), ("images", 1, 10**7), ("rows", 16, 10**7)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ConfigError(f"{where}.{key} must be an integer from {lo} to {hi}, got {value!r}")
-        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or not 0.0 < self.min_ratio < 1.0:
-            raise ConfigError(f"{where}.min_ratio must be a number between 0 and 1 (exclusive), got {self.min_ratio!r}")
+            _check_int(f"{where}.{key}", getattr(self, key), lo, hi)
+        _check_number(f"{where}.min_ratio", self.min_ratio, lambda v: 0.0 < v < 1.0, "a number between 0 and 1 (exclusive)")
 
 
 @dataclass(frozen=True)
@@ -219,14 +224,10 @@ class GPTQSpec:
     rows: int = 2048
 
     def validate(self, where: str) -> None:
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 < self.damp <= 1.0:
-            raise ConfigError(f"{where}.damp must be a number in (0, 1], got {self.damp!r}")
-        if not isinstance(self.act_order, bool):
-            raise ConfigError(f"{where}.act_order must be true or false, got {self.act_order!r}")
+        _check_number(f"{where}.damp", self.damp, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+        _check_bool(f"{where}.act_order", self.act_order)
         for key, lo, hi in (("block", 1, 65536), ("rows", 16, 10**7)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ConfigError(f"{where}.{key} must be an integer from {lo} to {hi}, got {value!r}")
+            _check_int(f"{where}.{key}", getattr(self, key), lo, hi)
 
 
 @dataclass(frozen=True)
@@ -238,8 +239,7 @@ class BiasCorrectionSpec:
     images: int = 512
 
     def validate(self, where: str) -> None:
-        if isinstance(self.images, bool) or not isinstance(self.images, int) or not 1 <= self.images <= 10**7:
-            raise ConfigError(f"{where}.images must be an integer from 1 to {10**7}, got {self.images!r}")
+        _check_int(f"{where}.images", self.images, 1, 10**7)
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,7 @@ class QuantRecipe:
     def validate(self, where: str = "recipe") -> "QuantRecipe":
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{where}: 'name' must be a non-empty string")
-        if not isinstance(self.integer_softmax, bool):
-            raise ConfigError(f"{where}.integer_softmax must be true or false, got {self.integer_softmax!r}")
+        _check_bool(f"{where}.integer_softmax", self.integer_softmax)
         for kind in KINDS:
             spec = getattr(self, kind)
             if spec is not None:

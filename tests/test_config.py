@@ -1,6 +1,8 @@
 """Recipes: shipped files load, every invalid value is refused with a clear message."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -151,3 +153,19 @@ def test_layers_section_is_checked_at_load():
         data["layers"] = layers
         with pytest.raises(ConfigError, match=message):
             recipe_from_dict(data, where="x.yaml")
+
+
+def test_config_is_a_leaf_whose_names_are_the_registries():
+    """quant_config imports nothing of the library (no cycle through models.ptq), and the observer and
+    quantizer names it validates are exactly those the registries build."""
+    import subprocess
+    import sys
+
+    code = "import quant_config, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'utils')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "[]"
+    from models.ptq.observers import OBSERVERS
+    from models.ptq.quantizers import QUANTIZERS
+    from quant_config import OBSERVER_NAMES, QUANTIZER_NAMES
+
+    assert sorted(OBSERVERS) == list(OBSERVER_NAMES) and sorted(QUANTIZERS) == list(QUANTIZER_NAMES)
