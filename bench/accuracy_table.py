@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Accuracy of every shipped recipe on real data: the README's accuracy tables, rerunnable.
 
-    python bench/accuracy_table.py --model deit_tiny_patch16_224 \\
+    python -m bench.accuracy_table --model deit_tiny_patch16_224 \\
         --checkpoint ../shared/weights/deit_tiny_patch16_224.pth --data ../shared/data/imagenet-mini
-    python bench/accuracy_table.py ... --recipes fqvit_w8a8_att8 --observers minmax,percentile,omse,kl
+    python -m bench.accuracy_table ... --recipes fqvit_w8a8_att8 --observers minmax,percentile,omse,kl
 
 Each recipe runs with its own observers, or once per ``--observers`` name (``test_qvit.py --observer``).
 
@@ -19,12 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the library imports from the repository root only as a package
+    sys.exit("error: run it from the repository root as: python -m bench.accuracy_table ...")
 
-import test_qvit  # noqa: E402
-from quant_config import available_recipes  # noqa: E402
-from utils.run_dir import write_text_atomic  # noqa: E402
+import test_qvit
+from quant_config import available_recipes
+from utils.run_dir import write_text_atomic
 
 OBSERVERS = ("minmax", "percentile", "omse", "kl")
 

@@ -2,10 +2,10 @@
 """Deployed INT8 on the CPU: our recipes' Q/DQ exports against NNCF's post-training quantization.
 
     pip install -r requirements-bench.txt                       # nncf: this benchmark only
-    python bench/bench_deploy.py                                # deit_tiny + vit_base, batch 1 and 32, 2 threads
-    python bench/bench_deploy.py --models deit_tiny_patch16_224 --calib-images 64 --val-images 128 --batches 1,8 --iters 3
-    python bench/bench_deploy.py --models vit_base_patch16_224 --batches 1 --iters 2 --speed-calib-images 16
-    python bench/bench_deploy.py --recipes cpu_int8,trt_int8_search --json bench_deploy.json
+    python -m bench.bench_deploy                                # deit_tiny + vit_base, batch 1 and 32, 2 threads
+    python -m bench.bench_deploy --models deit_tiny_patch16_224 --calib-images 64 --val-images 128 --batches 1,8 --iters 3
+    python -m bench.bench_deploy --models vit_base_patch16_224 --batches 1 --iters 2 --speed-calib-images 16
+    python -m bench.bench_deploy --recipes cpu_int8,trt_int8_search --json bench_deploy.json
 
 One process, for each model: the same weights, the same FP32 ONNX, the same images and the same
 thread count (``--threads``, for PyTorch and every runtime) for every system:
@@ -47,21 +47,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the library imports from the repository root only as a package
+    sys.exit("error: run it from the repository root as: python -m bench.bench_deploy ...")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes, load_recipe  # noqa: E402
-from utils.errors import ArgumentParser, UserError, run_script  # noqa: E402
-from utils.metrics import logit_cosine, top1_accuracy, top1_agreement  # noqa: E402
+from bench.common import SHARED, build_qvit
+from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes
+from utils.errors import ArgumentParser, UserError, run_script
+from utils.metrics import logit_cosine, top1_accuracy, top1_agreement
 
 if TYPE_CHECKING:
     from models.quant_vit import QVit
 
 ACCURACY_MODEL = "deit_tiny_patch16_224"  # the one model with real weights here
-SHARED = ROOT.parent / "shared"
 NNCF_SQ = "NNCF PTQ, SmoothQuant on"
 NNCF_NO_SQ = "NNCF PTQ, SmoothQuant off"
 FP32 = "FP32"
@@ -239,18 +239,6 @@ class System:
     @property
     def key(self) -> str:
         return f"{self.name} [{TITLES[self.runtime]}]"
-
-
-def build_qvit(model_name: str, recipe_name: str, checkpoint: Path | None) -> QVit:
-    """A fresh QVit on the model's weights. Built outside torch.inference_mode: the Fisher scale search
-    back-propagates, and parameters created in inference mode cannot take part in autograd."""
-    from models.quant_vit import QVit
-    from utils.checkpoint import create_model, load_checkpoint
-
-    model = create_model(model_name, pretrained=False)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, model_name)
-    return QVit(model, load_recipe(recipe_name)).eval()
 
 
 def export_fp32(qvit: QVit, folder: Path) -> Path:

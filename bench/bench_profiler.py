@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Profiler cost: profiling N images against a quantized evaluation of the same images.
 
-    python bench/bench_profiler.py                                   # deit_tiny, 64 images, both views
-    python bench/bench_profiler.py --models deit_tiny_patch16_224,vit_base_patch16_224 --skip-isolated
+    python -m bench.bench_profiler                                   # deit_tiny, 64 images, both views
+    python -m bench.bench_profiler --models deit_tiny_patch16_224,vit_base_patch16_224 --skip-isolated
 
 For each model and recipe, prints the seconds of
 * a fake-quant evaluation of the images (what ``test_qvit.py`` does for its INT8 numbers),
@@ -21,20 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the library imports from the repository root only as a package
+    sys.exit("error: run it from the repository root as: python -m bench.bench_profiler ...")
 
-import torch  # noqa: E402
+import torch
 
-from bench.bench_qvit import SHARED_DEIT, batches, build, timed_pairs  # noqa: E402
-from quant_config import load_recipe  # noqa: E402
-from utils.engine import calibrate  # noqa: E402
-from utils.profiler import run_profile  # noqa: E402
+from bench.common import build_qvit, deit_checkpoint, image_batches
+from utils.engine import calibrate
+from utils.profiler import run_profile
+from utils.timing import timed_pairs
 
 
 def bench(model_name: str, recipe: str, xs: list[torch.Tensor], iters: int, isolated: bool) -> dict:
-    checkpoint = SHARED_DEIT if model_name == "deit_tiny_patch16_224" and SHARED_DEIT.is_file() else None
-    qvit = build(model_name, load_recipe(recipe), checkpoint)
+    qvit = build_qvit(model_name, recipe, deit_checkpoint(model_name))
     feed = [(x, None, 0) for x in xs]
     calibrate(qvit, feed, torch.device("cpu"), progress=False)
 
@@ -70,7 +69,7 @@ def main() -> None:
     rows = []
     for model_name in args.models.split(","):
         count = -(-args.images // args.batch)
-        xs = batches(model_name, args.data, args.batch, count)
+        xs = image_batches(model_name, args.data, args.batch, count)
         xs[-1] = xs[-1][: args.images - args.batch * (count - 1)]
         for recipe in args.recipes.split(","):
             rows.append(bench(model_name, recipe, xs, args.iters, not args.skip_isolated))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Speed benchmark: FP32 vs fake-quant evaluation throughput, and calibration cost per observer.
 
-    python bench/bench_qvit.py                                  # deit_tiny + vit_base, batch 32
-    python bench/bench_qvit.py --models deit_tiny_patch16_224 --iters 5
-    python bench/bench_qvit.py --device cuda --models vit_base_patch16_224 --batch 128 --calib-batches 8
+    python -m bench.bench_qvit                                  # deit_tiny + vit_base, batch 32
+    python -m bench.bench_qvit --models deit_tiny_patch16_224 --iters 5
+    python -m bench.bench_qvit --device cuda --models vit_base_patch16_224 --batch 128 --calib-batches 8
 
 Prints two tables and their ratios:
 * evaluation images/s of the FP32 model (QVit in FP32 mode = timm with the softmax visible, and
@@ -27,40 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the library imports from the repository root only as a package
+    sys.exit("error: run it from the repository root as: python -m bench.bench_qvit ...")
 
-import torch  # noqa: E402
+import torch
 
-from models.quant_vit import QVit  # noqa: E402
-from quant_config import available_recipes, load_recipe  # noqa: E402
-from utils.checkpoint import create_model, load_checkpoint  # noqa: E402
-from utils.engine import calibrate  # noqa: E402
-from utils.timing import synchronized, timed, timed_pairs  # noqa: E402
+from bench.common import build_qvit, deit_checkpoint, image_batches
+from models.quant_vit import QVit
+from quant_config import available_recipes, load_recipe
+from utils.checkpoint import create_model
+from utils.engine import calibrate
+from utils.timing import synchronized, timed, timed_pairs
 
-SHARED_DEIT = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 OBSERVERS = ("minmax", "percentile", "omse", "kl")
-
-
-def batches(model_name: str, data: Path | None, batch: int, count: int) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    if data is None:
-        return [torch.randn(batch, 3, 224, 224) for _ in range(count)]
-    from timm.data import create_transform, resolve_data_config
-
-    from utils.data import calibration_subset, make_loader, scan_split
-
-    model = create_model(model_name, pretrained=False)
-    transform = create_transform(**resolve_data_config(model=model))
-    samples = calibration_subset(scan_split(data), batch * count, seed=0)
-    return [x for x, _, _ in make_loader(samples, transform, batch, workers=2) if x is not None][:count]
-
-
-def build(model_name: str, recipe, checkpoint: Path | None) -> QVit:
-    model = create_model(model_name, pretrained=False)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, model_name)
-    return QVit(model, recipe).eval()
 
 
 def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iters: int, checkpoint: Path | None, device: torch.device) -> list[dict]:
@@ -71,7 +50,7 @@ def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iter
         t_fused = timed(lambda: fused(x), iters)
     for name in recipes:
         # Built outside inference mode: a recipe's Fisher scale search back-propagates through the weights.
-        qvit = build(model_name, load_recipe(name), checkpoint).to(device)
+        qvit = build_qvit(model_name, name, checkpoint).to(device)
         calibrate(qvit, [(cx, None, 0) for cx in xs[:2]], device, progress=False)
 
         def fp32(qvit: QVit = qvit) -> None:
@@ -91,7 +70,7 @@ def bench_calibration(model_name: str, xs: list[torch.Tensor], checkpoint: Path 
     for observer in OBSERVERS:
         # What `test_qvit.py --observer NAME` does: the activation and layernorm_input kinds.
         overrides = {f"{k}.observer": observer for k in ("activation", "layernorm_input")}
-        qvit = build(model_name, load_recipe("fqvit_w8a8_att8", overrides), checkpoint).to(device)
+        qvit = build_qvit(model_name, load_recipe("fqvit_w8a8_att8", overrides), checkpoint).to(device)
         with qvit.fp32():
             qvit(xs[0][:2])  # warm-up allocations outside the timed region
         run = synchronized(lambda qvit=qvit: calibrate(qvit, [(x, None, 0) for x in xs], device, progress=False))
@@ -122,8 +101,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}, batch {args.batch}")
     eval_rows, calib_rows = [], []
     for model_name in args.models.split(","):
-        checkpoint = SHARED_DEIT if model_name == "deit_tiny_patch16_224" and SHARED_DEIT.is_file() else None
-        xs = [x.to(device) for x in batches(model_name, args.data, args.batch, max(args.calib_batches, 2))]
+        checkpoint = deit_checkpoint(model_name)
+        xs = [x.to(device) for x in image_batches(model_name, args.data, args.batch, max(args.calib_batches, 2))]
         eval_rows += bench_eval(model_name, args.recipes.split(","), xs, args.iters, checkpoint, device)
         if not args.skip_calibration:
             calib_rows += bench_calibration(model_name, xs[: args.calib_batches], checkpoint, device)

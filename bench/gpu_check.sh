@@ -51,15 +51,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, copy it
 
 step test_cuda 120 python -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-python bench/holdout_split.py "$TRAIN" "$WORK/split" >>"$LOG" 2>&1
+python -m bench.holdout_split "$TRAIN" "$WORK/split" >>"$LOG" 2>&1
 DEIT_ARGS=(--model deit_tiny_patch16_224 --checkpoint "$DEIT" --calib-dir "$WORK/split/calib" --val-dir "$WORK/split/held"
            --calib-size 800 --config trt_int8 --batch-size 64 --workers "$WORKERS" --device cuda --no-progress)
 step deit_cuda 120 python test_qvit.py "${DEIT_ARGS[@]}" --hist worst:3 --log-dir "$WORK/log_deit_cuda"
 step deit_plus_w8a8 150 python test_qvit.py "${DEIT_ARGS[@]/trt_int8/fqvit_plus_w8a8}" --no-profile --log-dir "$WORK/log_deit_plus_w8a8"
 step deit_nccl 90 torchrun --standalone --nproc-per-node 1 test_qvit.py "${DEIT_ARGS[@]}" --no-profile --log-dir "$WORK/log_deit_nccl"
 
-step bench_b128 150 python bench/bench_qvit.py --device cuda --models vit_base_patch16_224 --batch 128 --calib-batches 8 --iters 10 --data "$TRAIN"
-step bench_b64 60 python bench/bench_qvit.py --device cuda --models vit_base_patch16_224 --batch 64 --iters 10 --skip-calibration
+step bench_b128 150 python -m bench.bench_qvit --device cuda --models vit_base_patch16_224 --batch 128 --calib-batches 8 --iters 10 --data "$TRAIN"
+step bench_b64 60 python -m bench.bench_qvit --device cuda --models vit_base_patch16_224 --batch 64 --iters 10 --skip-calibration
 
 # Random vit_base weights (speed only) and SCALE links to every train image: an ImageNet-val-sized split.
 python - "$WORK" "$TRAIN" "$SCALE" <<'EOF' >>"$LOG" 2>&1

@@ -2,7 +2,7 @@
 """Split a calibration folder into calibration and held-out parts, to choose recipe values without
 touching the evaluation images (how trt_int8's reparam alpha and attention observer were chosen).
 
-    python bench/holdout_split.py ../shared/data/imagenet-mini/train /tmp/split
+    python -m bench.holdout_split ../shared/data/imagenet-mini/train /tmp/split
     python test_qvit.py --model deit_tiny_patch16_224 --checkpoint ../shared/weights/deit_tiny_patch16_224.pth \\
         --calib-dir /tmp/split/calib --val-dir /tmp/split/held --calib-size 800 --config trt_int8 \\
         --set "reparam={alpha: 0.5}" --no-profile          # compare the printed logit cosine across values
@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: the library imports from the repository root only as a package
+    sys.exit("error: run it from the repository root as: python -m bench.holdout_split ...")
 
-from utils.data import IMAGE_EXTENSIONS  # noqa: E402
+from utils.data import IMAGE_EXTENSIONS
 
 
 def main() -> int:
