@@ -16,11 +16,8 @@ Bad input ends with one ``error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,107 +76,120 @@ def free_name(folder: Path, stem: str, suffix: str, stamp: str) -> Path:
 
 def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> tuple[list[tuple[str, str]], list[Path]]:
     """Fisher scores into the run data, the sensitivity CSV/plot under --hessian-dir, and the keep-fp table."""
-    import pandas as pd
-    from timm.data import create_transform, resolve_data_config
+    from utils.html_report import table_html
+    from utils.device import resolve_device
+    from utils.sensitivity import block_sensitivity
 
-    from models.quant_vit import QVit
-    from test_qvit import resolve_device
-    from utils.analysis import table_html, plot_sensitivity
-    from utils.checkpoint import check_model_name, create_model, load_calibrated, load_checkpoint, read_calibrated, weights_sha256
-    from utils.data import calibration_subset, make_loader, scan_split
-    from utils.run_dir import write_text_atomic
-    from utils.sensitivity import block_sensitivity, evaluate_keep_fp, fisher_sensitivity
-
-    summary = run.summary
-    if summary.get("demo"):
+    if run.summary.get("demo"):
         raise UserError(f"{run.path} is a --demo run: its generated images are gone; analyse a run on real data")
     device = resolve_device(args.device)
-    calibrated = Path(args.calibrated) if args.calibrated else run.path / "calibrated.pt"
-    if not calibrated.is_file():
-        raise UserError(f"{calibrated}: no calibrated quantizer state; rerun test_qvit.py with --save-calibrated, or pass --calibrated PATH")
-    record, recipe = read_calibrated(calibrated)
-    model_name = record["model"]
-    check_model_name(model_name)
-    checkpoint = args.checkpoint or summary.get("checkpoint")
-    if checkpoint and not Path(checkpoint).is_file():
-        raise UserError(f"{checkpoint}: no such checkpoint file (pass --checkpoint PATH)")
+    calib_dir, val_dir = analysis_splits(args, run.summary, keeps)
+    qvit, loader_args = restore_run(args, run, device)
+    table = fisher_step(args, qvit, run, calib_dir, loader_args, device)
+    images = table.attrs["images"]
+    hessian = Path(args.hessian_dir)
+    written = write_sensitivity(run, table, hessian, stamp)
+    top = table.sort_values("rank").head(10)
+    sections = [(f"Fisher sensitivity ({images} calibration images, estimated loss increase in nats)",
+                 table_html(top[["rank", "name", "kind", "fisher", "noise_energy", "grad_energy", "qsnr_db"]]) + "<h3>Per block</h3>" + table_html(block_sensitivity(table)))]  # fmt: skip
+    if args.mixed_recipe is not None:
+        written.append(write_mixed_recipe(qvit, qvit.recipe, table, args, hessian, stamp, images))
+    if keeps:
+        section, path = keep_fp_step(args, qvit, table, val_dir, keeps, loader_args, device, hessian, stamp)
+        sections.append(section)
+        written.append(path)
+    return sections, written
+
+
+def analysis_splits(args: argparse.Namespace, summary: dict, keeps: list[int]) -> tuple[Path, Path]:
+    """The calibration split (Fisher scores) and the evaluation split (--keep-fp): the flags', else the run's."""
     calib_dir = Path(args.calib_dir or (summary.get("calibration") or {}).get("split") or "")
     val_dir = Path(args.val_dir or (summary.get("evaluation") or {}).get("split") or "")
     for flag, folder, needed in (("--calib-dir", calib_dir, True), ("--val-dir", val_dir, bool(keeps))):
         if needed and not folder.is_dir():
             raise UserError(f"{flag} {folder}: no such directory (the run's split moved? pass {flag})")
+    return calib_dir, val_dir
 
-    model = create_model(model_name, pretrained=not checkpoint)
-    if checkpoint:
-        load_checkpoint(model, checkpoint, model_name)
-    qvit = QVit(model, recipe).to(device).eval()
-    load_calibrated(qvit, record, calibrated, weights_sha256(model))
-    transform = create_transform(**resolve_data_config(model=model))
-    loader_args = dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-    progress = not args.no_progress
+
+def restore_run(args: argparse.Namespace, run, device) -> tuple:
+    """The run's calibrated QVit on ``device`` (--calibrated, else the run's calibrated.pt) and the loaders' arguments."""
+    from timm.data import create_transform, resolve_data_config
+
+    from utils.checkpoint import restore_calibrated
+
+    calibrated = Path(args.calibrated) if args.calibrated else run.path / "calibrated.pt"
+    if not calibrated.is_file():
+        raise UserError(f"{calibrated}: no calibrated quantizer state; rerun test_qvit.py with --save-calibrated, or pass --calibrated PATH")
+    checkpoint = args.checkpoint or run.summary.get("checkpoint")
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: no such checkpoint file (pass --checkpoint PATH)")
+    qvit = restore_calibrated(calibrated, None, checkpoint).to(device)
+    transform = create_transform(**resolve_data_config(model=qvit.model))
+    return qvit, dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+
+
+def fisher_step(args: argparse.Namespace, qvit, run, calib_dir: Path, loader_args: dict, device):
+    """Each point's Fisher score on --sensitivity-samples calibration images, joined with the run's QSNR."""
+    from utils.data import calibration_subset, make_loader, scan_split
+    from utils.sensitivity import fisher_sensitivity
 
     samples = calibration_subset(scan_split(calib_dir), args.sensitivity_samples, seed=1)
-    print(f"Fisher sensitivity of {model_name} on {len(samples)} calibration images from {calib_dir}")
+    print(f"Fisher sensitivity of {run.summary.get('model', 'the model')} on {len(samples)} calibration images from {calib_dir}")
     start = time.perf_counter()
     try:
-        table = fisher_sensitivity(qvit, make_loader(samples, **loader_args), device, progress)
+        table = fisher_sensitivity(qvit, make_loader(samples, **loader_args), device, not args.no_progress)
     except ValueError as exc:
         raise UserError(f"{calib_dir}: {exc}") from None
-    seconds = time.perf_counter() - start
+    print(f"  {time.perf_counter() - start:.1f} s")
     images = table.attrs["images"]
     table = table.merge(run.stats[["name", "qsnr_db"]], on="name", how="left")
+    table.attrs["images"] = images  # a merge starts with no attrs
     run.sensitivity = table
-    blocks = block_sensitivity(table)
+    return table
 
-    hessian = Path(args.hessian_dir)
-    hessian.mkdir(parents=True, exist_ok=True)
-    csv_path = free_name(hessian, f"sensitivity_{stamp}", ".csv", stamp)
-    plot_path = free_name(hessian, f"sensitivity_plot_{stamp}", ".png", stamp)
+
+def write_sensitivity(run, table, folder: Path, stamp: str) -> list[Path]:
+    """sensitivity_<stamp>.csv and its plot under ``folder``, each written whole or not at all."""
+    from utils.plots import plot_sensitivity
+    from utils.run_dir import atomic_path, write_text_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path = free_name(folder, f"sensitivity_{stamp}", ".csv", stamp)
+    plot_path = free_name(folder, f"sensitivity_plot_{stamp}", ".png", stamp)
     write_text_atomic(csv_path, table.sort_values("rank").to_csv(index=False))
-    tmp_png = plot_path.with_name(f".{plot_path.name}.partial.png")
-    try:
-        plot_sensitivity(run, tmp_png)
-        os.replace(tmp_png, plot_path)
-    finally:
-        tmp_png.unlink(missing_ok=True)
-    print(f"  {seconds:.1f} s; wrote {csv_path} and {plot_path}")
-    top = table.sort_values("rank").head(10)
-    print("  most sensitive: " + ", ".join(f"{r.name} {r.fisher:.3g}" for r in top.head(5).itertuples()))
+    with atomic_path(plot_path, suffix=".png") as tmp:
+        plot_sensitivity(run, tmp)
+    print(f"  wrote {csv_path} and {plot_path}")
+    top = table.sort_values("rank").head(5)
+    print("  most sensitive: " + ", ".join(f"{r.name} {r.fisher:.3g}" for r in top.itertuples()))
+    return [csv_path, plot_path]
 
-    sections = [
-        (
-            f"Fisher sensitivity ({images} calibration images, estimated loss increase in nats)",
-            table_html(top[["rank", "name", "kind", "fisher", "noise_energy", "grad_energy", "qsnr_db"]])
-            + "<h3>Per block</h3>"
-            + table_html(blocks),
-        )
-    ]
-    written = [csv_path, plot_path]
-    if args.mixed_recipe is not None:
-        written.append(write_mixed_recipe(qvit, recipe, table, args, hessian, stamp, images))
-    if keeps:
-        val = scan_split(val_dir)
-        ranking = list(table.sort_values("rank")["name"])
-        print(f"Evaluating {len(val)} images from {val_dir} with the K most sensitive points in float, K = {', '.join(map(str, keeps))}")
-        try:
-            fp32, results = evaluate_keep_fp(qvit, make_loader(val, **loader_args), ranking, keeps, device, progress)
-        except ValueError as exc:
-            raise UserError(f"{val_dir}: {exc}") from None
-        rows = pd.DataFrame(
-            [
-                {"K": r.keep, "top-1 (%)": r.top1, "drop": fp32["top1"] - r.top1, "agreement": r.agreement_top1,
-                 "logit cosine": r.logit_cosine, "kept in float": ", ".join(r.kept) or "-"}
-                for r in results
-            ]
-        )  # fmt: skip
-        keep_path = free_name(hessian, f"keep_fp_{stamp}", ".csv", stamp)
-        write_text_atomic(keep_path, rows.to_csv(index=False))
-        print(f"  FP32 top-1 {fp32['top1']:.2f} on {fp32['samples']} images; wrote {keep_path}")
-        for r in results:
-            print(f"  K={r.keep}: top-1 {r.top1:.2f}, agreement {r.agreement_top1:.3f}, logit cosine {r.logit_cosine:.4f}")
-        sections.append((f"Keeping the most sensitive points in float (FP32 top-1 {fp32['top1']:.2f}, {fp32['samples']} images)", table_html(rows)))
-        written.append(keep_path)
-    return sections, written
+
+def keep_fp_step(args: argparse.Namespace, qvit, table, val_dir: Path, keeps: list[int], loader_args: dict, device, folder: Path,
+                 stamp: str) -> tuple[tuple[str, str], Path]:  # fmt: skip
+    """Top-1 on the evaluation split with the K most sensitive points in float, for each K of --keep-fp."""
+    import pandas as pd
+
+    from utils.html_report import table_html
+    from utils.data import make_loader, scan_split
+    from utils.run_dir import write_text_atomic
+    from utils.sensitivity import evaluate_keep_fp
+
+    val = scan_split(val_dir)
+    ranking = list(table.sort_values("rank")["name"])
+    print(f"Evaluating {len(val)} images from {val_dir} with the K most sensitive points in float, K = {', '.join(map(str, keeps))}")
+    try:
+        fp32, results = evaluate_keep_fp(qvit, make_loader(val, **loader_args), ranking, keeps, device, not args.no_progress)
+    except ValueError as exc:
+        raise UserError(f"{val_dir}: {exc}") from None
+    rows = pd.DataFrame([{"K": r.keep, "top-1 (%)": r.top1, "drop": fp32["top1"] - r.top1, "agreement": r.agreement_top1,
+                          "logit cosine": r.logit_cosine, "kept in float": ", ".join(r.kept) or "-"} for r in results])  # fmt: skip
+    path = free_name(folder, f"keep_fp_{stamp}", ".csv", stamp)
+    write_text_atomic(path, rows.to_csv(index=False))
+    print(f"  FP32 top-1 {fp32['top1']:.2f} on {fp32['samples']} images; wrote {path}")
+    for r in results:
+        print(f"  K={r.keep}: top-1 {r.top1:.2f}, agreement {r.agreement_top1:.3f}, logit cosine {r.logit_cosine:.4f}")
+    return (f"Keeping the most sensitive points in float (FP32 top-1 {fp32['top1']:.2f}, {fp32['samples']} images)", table_html(rows)), path
 
 
 def write_mixed_recipe(qvit, recipe, table, args: argparse.Namespace, folder: Path, stamp: str, images: int) -> Path:
@@ -226,7 +236,10 @@ def analyse(args: argparse.Namespace) -> Path:
             raise UserError(f"--mixed-bits must be from 2 to 16, got {args.mixed_bits}")
     run_path = Path(args.run) if args.run else newest_run(Path(args.log_dir))
 
-    from utils.analysis import load_run, write_plots, write_report
+    from utils.analysis import load_run
+    from utils.html_report import write_report
+    from utils.plots import write_plots
+    from utils.run_dir import atomic_path
 
     run = load_run(run_path)
     print(f"Analysing {run_path} ({len(run.stats)} quantization points)")
@@ -236,14 +249,10 @@ def analyse(args: argparse.Namespace) -> Path:
         sections, _ = sensitivity(args, run, stamp, keeps)
 
     # Plots go to a hidden folder renamed into place: no half-written plots/ folder, ever.
-    tmp = Path(tempfile.mkdtemp(dir=run_path, prefix=".plots-partial-"))
-    try:
+    target = free_name(run_path, "plots", "", stamp)
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
         plots, fit = write_plots(run, tmp)
-        target = free_name(run_path, "plots", "", stamp)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     plots = [target / p.name for p in plots]
     print(f"Outlier ratio INT8 vs FP32: slope {fit['slope']:.4f}, intercept {fit['intercept']:.3g}, R² {fit['r2']:.4f} ({fit['points']} points)")
     report = free_name(run_path, "report", ".html", stamp)

@@ -22,6 +22,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ import yaml
 
 from quant_config import DEFAULT_RECIPE, ConfigError, QuantRecipe, available_recipes, load_recipe, resolve_recipe_path
 from utils.errors import ArgumentParser, UserError, run_script
+from utils.run_dir import atomic_path, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from utils.distributed import Dist
@@ -101,25 +104,6 @@ def recipe_overrides(args: argparse.Namespace, base: QuantRecipe) -> dict[str, A
     return overrides
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is available (torch.cuda.is_available() is False)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     if args.calib_size is None:
         args.calib_size = DEMO_CLASSES * DEMO_CALIB_PER_CLASS if args.demo else 1000
@@ -158,6 +142,8 @@ def split_dirs(args: argparse.Namespace) -> tuple[Path | None, Path]:
 
 def run(args: argparse.Namespace) -> Path | None:
     check_arguments(args)
+    from utils.device import resolve_device
+
     device = resolve_device(args.device)
     if args.amp and device.type != "cuda":
         raise UserError("--amp needs a CUDA device (autocast float16 of the FP32 baseline)")
@@ -167,182 +153,252 @@ def run(args: argparse.Namespace) -> Path | None:
         return run_process(args, device, where)
 
 
+@dataclass
+class Job:
+    """What one run works on, settled before any heavy work: recipe, model name, image folders, and the
+    calibrated file's record when quantizers are loaded instead of calibrated."""
+
+    recipe: QuantRecipe
+    recipe_source: str
+    model_name: str
+    record: dict | None = None
+    calib_dir: Path | None = None
+    val_dir: Path | None = None
+    val_samples: list = field(default_factory=list)
+    calib_samples: list | None = None
+
+
+@dataclass
+class Calibration:
+    """Calibration's facts for the summary (zeros when quantizers were loaded from a file)."""
+
+    images: int = 0
+    unreadable: int = 0
+    seconds: float = 0.0
+
+
 def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
     """One process's run (the only one without torchrun); rank 0 returns the run folder, the others None."""
-    # Heavy imports only once the cheap checks passed.
-    import torch
-    from timm.data import create_transform, resolve_data_config
+    from utils.run_dir import RunDir
 
-    from models.quant_vit import QVit, UnsupportedModelError
-    from utils.checkpoint import (
-        check_model_name,
-        create_model,
-        load_calibrated,
-        load_checkpoint,
-        read_calibrated,
-        save_calibrated,
-        weights_sha256,
-    )
-    from utils.data import calibration_subset, evenly_spaced, make_loader, scan_split
-    from utils.demo import make_imagenet_folder
-    from utils.distributed import check_same_everywhere, gather_calibration, gather_eval, shard_batches
-    from utils.engine import calibrate, evaluate
-    from utils.plots import select_histogram_points, write_point_histograms
-    from utils.profiler import NoImagesError, run_profile
-    from utils.report import profile_summary, results_table, versions
-    from utils.run_dir import RunDir, write_json_atomic, write_text_atomic
+    say = print if where.main else (lambda *parts, **kwargs: None)  # one voice: rank 0's
+    job = choose_recipe_and_model(args)
+    with contextlib.ExitStack() as stack:
+        find_images(args, job, stack, say)
+        qvit, model_facts, loader_args = build_qvit(args, job, device, where, say)
+        with RunDir(args.log_dir) if where.main else contextlib.nullcontext() as run_dir:
+            calibration = calibrate_or_load(args, job, qvit, model_facts, loader_args, device, where, run_dir, say)
+            say(f"Evaluating FP32 and INT8 on {len(job.val_samples)} images from {job.val_dir}")
+            ev = evaluate_step(args, job, qvit, loader_args, device, where)
+            if ev is None:  # not rank 0
+                return None
+            write_results(args, job, ev, calibration, run_dir.path)
+            summary = run_summary(args, job, qvit, model_facts, calibration, ev, device, where)
+            totals = None if args.no_profile else profile_step(args, job, qvit, loader_args, device, where, run_dir.path)
+            if totals is not None:
+                summary["profile"] = totals
+            write_json_atomic(run_dir.path / "qvit_summary.json", summary)
+    if args.save_calibrated:
+        copy_calibrated(run_dir.final / "calibrated.pt", Path(args.save_calibrated))
+    return run_dir.final
 
-    def say(*parts, **kwargs) -> None:  # one voice: rank 0's
-        if where.main:
-            print(*parts, **kwargs)
 
-    record = None
+def choose_recipe_and_model(args: argparse.Namespace) -> Job:
+    """The recipe (the calibrated file's, or --config with --observer/--set applied) and the model name."""
+    from utils.checkpoint import check_model_name, read_calibrated
+
     if args.load_calibrated:
         record, recipe = read_calibrated(args.load_calibrated)
         model_name = args.model or record["model"]
         if model_name != record["model"]:
             raise UserError(f"--load-calibrated {args.load_calibrated} was made for {record['model']}, not {model_name}")
-        recipe_source = str(args.load_calibrated)
+        job = Job(recipe, str(args.load_calibrated), model_name, record=record)
     else:
         recipe_path = resolve_recipe_path(args.config or DEFAULT_RECIPE)
         recipe = load_recipe(recipe_path)
         overrides = recipe_overrides(args, recipe)
         if overrides:
             recipe = recipe.with_overrides(overrides, where=f"{recipe_path} + command line")
-        model_name = args.model or (DEMO_MODEL if args.demo else DEFAULT_MODEL)
-        recipe_source = str(recipe_path)
-    check_model_name(model_name)
+        job = Job(recipe, str(recipe_path), args.model or (DEMO_MODEL if args.demo else DEFAULT_MODEL))
+    check_model_name(job.model_name)
+    return job
 
-    with contextlib.ExitStack() as stack:
-        if args.demo:
-            say("DEMO: a randomly initialised ViT on generated images; its accuracy numbers mean nothing.")
-            # Every process makes the same images from the same seed, in a folder of its own.
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qvit-demo-")))
-            calib_dir = make_imagenet_folder(root / "train", DEMO_CLASSES, DEMO_CALIB_PER_CLASS, seed=args.seed)
-            val_dir = make_imagenet_folder(root / "val", DEMO_CLASSES, DEMO_VAL_PER_CLASS, seed=args.seed + 1)
-        else:
-            calib_dir, val_dir = split_dirs(args)
-        val_samples = scan_split(val_dir)
-        if args.limit is not None and args.limit < len(val_samples):
-            val_samples = evenly_spaced(val_samples, args.limit)
-        calib_samples = None if record else scan_split(calib_dir)
 
-        weights = "checkpoint" if args.checkpoint else ("random init (demo)" if args.demo else "timm pretrained")
-        processes = f", {where.world} processes" if where.active else ""
-        say(f"Model {model_name} ({weights}), recipe {recipe.name}, device {device}{processes}")
-        if args.demo:
-            torch.manual_seed(args.seed)  # the same random weights in every run and every process
-        model = create_model(model_name, pretrained=not args.checkpoint and not args.demo)
-        checkpoint_sha = load_checkpoint(model, args.checkpoint, model_name) if args.checkpoint else None
-        fingerprint = weights_sha256(model)
-        check_same_everywhere(fingerprint, "weights", where)
-        transform = create_transform(**resolve_data_config(model=model))
-        try:
-            qvit = QVit(model, recipe).to(device).eval()
-        except UnsupportedModelError as exc:
-            raise UserError(f"{model_name}: {exc}") from None
-        loader_args = dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-        progress = not args.no_progress and where.main
+def find_images(args: argparse.Namespace, job: Job, stack: contextlib.ExitStack, say: Callable) -> None:
+    """The calibration and evaluation folders (the demo's generated in a temporary folder ``stack`` removes) and their images."""
+    from utils.data import evenly_spaced, scan_split
+    from utils.demo import make_imagenet_folder
 
-        def share(samples: list) -> list:  # this process's whole batches
-            return shard_batches(samples, args.batch_size, where.rank, where.world) if where.active else samples
+    if args.demo:
+        say("DEMO: a randomly initialised ViT on generated images; its accuracy numbers mean nothing.")
+        # Every process makes the same images from the same seed, in a folder of its own.
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qvit-demo-")))
+        job.calib_dir = make_imagenet_folder(root / "train", DEMO_CLASSES, DEMO_CALIB_PER_CLASS, seed=args.seed)
+        job.val_dir = make_imagenet_folder(root / "val", DEMO_CLASSES, DEMO_VAL_PER_CLASS, seed=args.seed + 1)
+    else:
+        job.calib_dir, job.val_dir = split_dirs(args)
+    job.val_samples = scan_split(job.val_dir)
+    if args.limit is not None and args.limit < len(job.val_samples):
+        job.val_samples = evenly_spaced(job.val_samples, args.limit)
+    job.calib_samples = None if job.record else scan_split(job.calib_dir)
 
-        with RunDir(args.log_dir) if where.main else contextlib.nullcontext() as run_dir:
-            calib_unreadable, calib_images, calib_seconds = 0, 0, 0.0
-            if record is not None:
-                load_calibrated(qvit, record, args.load_calibrated, fingerprint)
-                say(f"Loaded calibrated quantizers from {args.load_calibrated}")
-            else:
-                if args.calib_size > len(calib_samples):
-                    say(f"note: --calib-size {args.calib_size} exceeds the {len(calib_samples)} images in {calib_dir}; using all of them")
-                subset = calibration_subset(calib_samples, args.calib_size, args.seed)
-                say(f"Calibrating on {len(subset)} images from {calib_dir}")
-                cal = gather_calibration(calibrate(qvit, make_loader(share(subset), **loader_args), device, progress), where)
-                calib_unreadable, calib_images, calib_seconds = cal.unreadable, cal.images, cal.seconds
-                if calib_unreadable:
-                    say(f"note: skipped {calib_unreadable} unreadable calibration image(s)")
-                if cal.uncalibrated:
-                    say(f"note: {len(cal.uncalibrated)} quantization point(s) saw no data and stay uncalibrated")
-                if args.save_calibrated is not None and where.main:
-                    save_calibrated(qvit, run_dir.path / "calibrated.pt", model_name, fingerprint, checkpoint_sha)
 
-            say(f"Evaluating FP32 and INT8 on {len(val_samples)} images from {val_dir}")
-            ev = gather_eval(evaluate(qvit, make_loader(share(val_samples), **loader_args), device, progress, amp=args.amp), where)
-            if not where.main:
-                return None
-            if ev is None:
-                raise UserError(f"{val_dir}: no readable evaluation image")
-            if ev.unreadable:
-                print(f"note: skipped {ev.unreadable} unreadable evaluation image(s)")
-            table = results_table(ev.fp32, ev.int8, ev.agreement_top1, ev.logit_cosine)
-            print(table)
-            header = f"{model_name} | recipe {recipe.name} | {calib_images} calibration images | {dt.datetime.now():%Y-%m-%d %H:%M}\n"
-            if args.demo:
-                header = "DEMO (random weights, generated images): these numbers mean nothing.\n" + header
-            write_text_atomic(run_dir.path / "qvit_results.txt", header + table + "\n")
-            summary = {
-                "model": model_name,
-                "weights": weights,
-                "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                "checkpoint_sha256": checkpoint_sha,
-                "weights_sha256": fingerprint,
-                "config": recipe.to_dict(),
-                "config_source": recipe_source,
-                "calib_samples": calib_images,
-                "calibration": {
-                    "split": str(calib_dir) if calib_dir else None,
-                    "requested": args.calib_size,
-                    "seed": args.seed,
-                    "unreadable": calib_unreadable,
-                    "loaded_from": str(args.load_calibrated) if record is not None else None,
-                },
-                "evaluation": {"split": str(val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist())))},
-                "fp32": ev.fp32.to_dict(),
-                "int8": ev.int8.to_dict(),
-                "scale_search_ratios": qvit.searched_ratios,
-                "agreement_top1": ev.agreement_top1,
-                "logit_cosine_mean": ev.logit_cosine,
-                "timings_s": {
-                    "calibration": calib_seconds,
-                    "eval_fp32": ev.seconds_fp32,
-                    "eval_int8": ev.seconds_int8,
-                    "eval_wall": ev.seconds_wall,
-                },
-                "eval_images_per_s": ev.samples / ev.seconds_wall,
-                "peak_memory_mb": peak_memory_mb(device),
-                "device": str(device),
-                "processes": where.world,
-                "amp_fp32": bool(args.amp),
-                "batch_size": args.batch_size,
-                "demo": bool(args.demo),
-                "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": [Path(sys.argv[0]).name] + sys.argv[1:],
-                "versions": versions(),
-            }
-            if not args.no_profile:
-                subset = evenly_spaced(val_samples, args.profile_samples)
-                views = "accumulated and isolated views" if args.profile == "isolated" else "accumulated view"
-                print(f"Profiling {len(subset)} evaluation images ({views})")
-                loader = make_loader(subset, **loader_args)
-                try:
-                    result = run_profile(qvit, loader, device, isolated=args.profile == "isolated", progress=progress)
-                except NoImagesError as exc:  # the evaluation's numbers still stand
-                    print(f"warning: profile skipped: {exc}", file=sys.stderr)
-                else:
-                    result.table.to_csv(run_dir.path / "qvit_statistics.csv", index=False)
-                    write_point_histograms(result, run_dir.path, select_histogram_points(result, args.hist))
-                    summary["profile"] = result.totals
-                    print(profile_summary(result.totals))
-            write_json_atomic(run_dir.path / "qvit_summary.json", summary)
+def build_qvit(args: argparse.Namespace, job: Job, device, where: Dist, say: Callable) -> tuple[Any, dict, dict]:
+    """The model with its weights (the same in every process), wrapped in a QVit on ``device``; what the
+    summary says about the weights; the data loaders' arguments."""
+    import torch
+    from timm.data import create_transform, resolve_data_config
 
-    if args.save_calibrated:  # an explicit path gets a copy once the run folder is complete
-        target = Path(args.save_calibrated)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(run_dir.final / "calibrated.pt", tmp)
-        os.replace(tmp, target)
-        print(f"Saved calibrated quantizers to {target}")
-    return run_dir.final
+    from models.quant_vit import QVit, UnsupportedModelError
+    from utils.checkpoint import create_model, load_checkpoint, weights_sha256
+    from utils.distributed import check_same_everywhere
+
+    weights = "checkpoint" if args.checkpoint else ("random init (demo)" if args.demo else "timm pretrained")
+    processes = f", {where.world} processes" if where.active else ""
+    say(f"Model {job.model_name} ({weights}), recipe {job.recipe.name}, device {device}{processes}")
+    if args.demo:
+        torch.manual_seed(args.seed)  # the same random weights in every run and every process
+    model = create_model(job.model_name, pretrained=not args.checkpoint and not args.demo)
+    checkpoint_sha = load_checkpoint(model, args.checkpoint, job.model_name) if args.checkpoint else None
+    fingerprint = weights_sha256(model)
+    check_same_everywhere(fingerprint, "weights", where)
+    transform = create_transform(**resolve_data_config(model=model))
+    try:
+        qvit = QVit(model, job.recipe).to(device).eval()
+    except UnsupportedModelError as exc:
+        raise UserError(f"{job.model_name}: {exc}") from None
+    loader_args = dict(transform=transform, batch_size=args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+    return qvit, {"weights": weights, "checkpoint_sha256": checkpoint_sha, "weights_sha256": fingerprint}, loader_args
+
+
+def shard(args: argparse.Namespace, samples: list, where: Dist) -> list:
+    """This process's whole batches of ``samples`` (all of them without torchrun)."""
+    from utils.distributed import shard_batches
+
+    return shard_batches(samples, args.batch_size, where.rank, where.world) if where.active else samples
+
+
+def calibrate_or_load(args: argparse.Namespace, job: Job, qvit, model_facts: dict, loader_args: dict, device, where: Dist, run_dir, say: Callable) -> Calibration:
+    """Load the quantizers of --load-calibrated, or calibrate on --calib-size images (saved with --save-calibrated)."""
+    from utils.checkpoint import load_calibrated, save_calibrated
+    from utils.data import calibration_subset, make_loader
+    from utils.distributed import gather_calibration
+    from utils.engine import calibrate
+
+    if job.record is not None:
+        load_calibrated(qvit, job.record, args.load_calibrated, model_facts["weights_sha256"])
+        say(f"Loaded calibrated quantizers from {args.load_calibrated}")
+        return Calibration()
+    if args.calib_size > len(job.calib_samples):
+        say(f"note: --calib-size {args.calib_size} exceeds the {len(job.calib_samples)} images in {job.calib_dir}; using all of them")
+    subset = calibration_subset(job.calib_samples, args.calib_size, args.seed)
+    say(f"Calibrating on {len(subset)} images from {job.calib_dir}")
+    progress = not args.no_progress and where.main
+    cal = gather_calibration(calibrate(qvit, make_loader(shard(args, subset, where), **loader_args), device, progress), where)
+    if cal.unreadable:
+        say(f"note: skipped {cal.unreadable} unreadable calibration image(s)")
+    if cal.uncalibrated:
+        say(f"note: {len(cal.uncalibrated)} quantization point(s) saw no data and stay uncalibrated")
+    if args.save_calibrated is not None and where.main:
+        save_calibrated(qvit, run_dir.path / "calibrated.pt", job.model_name, model_facts["weights_sha256"], model_facts["checkpoint_sha256"])
+    return Calibration(cal.images, cal.unreadable, cal.seconds)
+
+
+def evaluate_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist):
+    """FP32 and INT8 over the evaluation images, combined over the processes; None except on rank 0."""
+    from utils.data import make_loader
+    from utils.distributed import gather_eval
+    from utils.engine import evaluate
+
+    progress = not args.no_progress and where.main
+    ev = gather_eval(evaluate(qvit, make_loader(shard(args, job.val_samples, where), **loader_args), device, progress, amp=args.amp), where)
+    if not where.main:
+        return None
+    if ev is None:
+        raise UserError(f"{job.val_dir}: no readable evaluation image")
+    if ev.unreadable:
+        print(f"note: skipped {ev.unreadable} unreadable evaluation image(s)")
+    return ev
+
+
+def write_results(args: argparse.Namespace, job: Job, ev, calibration: Calibration, folder: Path) -> None:
+    """The FP32 vs INT8 table, printed and written to qvit_results.txt."""
+    from utils.console_tables import results_table
+
+    table = results_table(ev.fp32, ev.int8, ev.agreement_top1, ev.logit_cosine)
+    print(table)
+    header = f"{job.model_name} | recipe {job.recipe.name} | {calibration.images} calibration images | {dt.datetime.now():%Y-%m-%d %H:%M}\n"
+    if args.demo:
+        header = "DEMO (random weights, generated images): these numbers mean nothing.\n" + header
+    write_text_atomic(folder / "qvit_results.txt", header + table + "\n")
+
+
+def run_summary(args: argparse.Namespace, job: Job, qvit, model_facts: dict, calibration: Calibration, ev, device, where: Dist) -> dict:
+    """Everything qvit_summary.json records about the run (the profile's totals are added after)."""
+    from utils.console_tables import versions
+
+    return {
+        "model": job.model_name,
+        "weights": model_facts["weights"],
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "checkpoint_sha256": model_facts["checkpoint_sha256"],
+        "weights_sha256": model_facts["weights_sha256"],
+        "config": job.recipe.to_dict(),
+        "config_source": job.recipe_source,
+        "calib_samples": calibration.images,
+        "calibration": {
+            "split": str(job.calib_dir) if job.calib_dir else None,
+            "requested": args.calib_size,
+            "seed": args.seed,
+            "unreadable": calibration.unreadable,
+            "loaded_from": str(args.load_calibrated) if job.record is not None else None,
+        },
+        "evaluation": {"split": str(job.val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist())))},
+        "fp32": ev.fp32.to_dict(),
+        "int8": ev.int8.to_dict(),
+        "scale_search_ratios": qvit.searched_ratios,
+        "agreement_top1": ev.agreement_top1,
+        "logit_cosine_mean": ev.logit_cosine,
+        "timings_s": {"calibration": calibration.seconds, "eval_fp32": ev.seconds_fp32, "eval_int8": ev.seconds_int8, "eval_wall": ev.seconds_wall},
+        "eval_images_per_s": ev.samples / ev.seconds_wall,
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": str(device),
+        "processes": where.world,
+        "amp_fp32": bool(args.amp),
+        "batch_size": args.batch_size,
+        "demo": bool(args.demo),
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name] + sys.argv[1:],
+        "versions": versions(),
+    }
+
+
+def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist, folder: Path) -> dict | None:
+    """The profiler on --profile-samples evaluation images: qvit_statistics.csv, histograms; its totals."""
+    from utils.data import evenly_spaced, make_loader
+    from utils.plots import select_histogram_points, write_point_histograms
+    from utils.profiler import NoImagesError, run_profile
+    from utils.console_tables import profile_summary
+
+    subset = evenly_spaced(job.val_samples, args.profile_samples)
+    views = "accumulated and isolated views" if args.profile == "isolated" else "accumulated view"
+    print(f"Profiling {len(subset)} evaluation images ({views})")
+    try:
+        result = run_profile(qvit, make_loader(subset, **loader_args), device, isolated=args.profile == "isolated", progress=not args.no_progress and where.main)
+    except NoImagesError as exc:  # the evaluation's numbers still stand
+        print(f"warning: profile skipped: {exc}", file=sys.stderr)
+        return None
+    result.table.to_csv(folder / "qvit_statistics.csv", index=False)
+    write_point_histograms(result, folder, select_histogram_points(result, args.hist))
+    print(profile_summary(result.totals))
+    return result.totals
+
+
+def copy_calibrated(source: Path, target: Path) -> None:
+    """--save-calibrated PATH gets a copy once the run folder is complete."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    print(f"Saved calibrated quantizers to {target}")
 
 
 def peak_memory_mb(device: "torch.device") -> dict[str, float | None]:

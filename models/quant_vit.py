@@ -1,7 +1,8 @@
 """QVit: a timm Vision Transformer converted in place into FQ-ViT's fully quantized form (arXiv 2111.13824).
 
 :func:`QVit` walks a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, ...) and swaps each float
-module for its quantized subclass from :mod:`models.ptq.layers` via a class map - timm's own model
+module for its quantized subclass from :mod:`models.ptq.layers` via the class map of
+:mod:`models.ptq.registry` - timm's own model
 code keeps running, only the leaf computations change. Attention is switched from timm's fused kernel
 to the explicit softmax so that the softmax can be quantized.
 
@@ -41,14 +42,15 @@ import time
 from typing import Iterator
 
 import torch
-from timm.layers import LayerNorm as TimmLayerNorm, LayerScale, PatchEmbed
+from timm.layers import LayerScale, PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from models.ptq.bias_correction import correct_biases, layer_inputs
 from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
-from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
-from models.ptq.observers import distributed
+from models.ptq.collectives import is_distributed
+from models.ptq.layers import QuantConv2d, QuantLinear
+from models.ptq.registry import QUANT_MODULES, convert_module
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
@@ -63,9 +65,8 @@ class UnsupportedModelError(ValueError):
     """The timm model has a structure QVit cannot quantize (the message names the module)."""
 
 
-# Modules with parameters of their own: converted to a quantized subclass, or kept in float
-# (embeddings and layer scales). Anything else with weights is an architecture QVit does not know.
-_CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, TimmLayerNorm)
+# Modules with parameters of their own are converted to a quantized subclass (models.ptq.registry) or
+# kept in float (embeddings and layer scales). Anything else with weights is an architecture QVit does not know.
 _FLOAT_OK = (VisionTransformer, LayerScale, PatchEmbed)
 
 
@@ -90,22 +91,9 @@ class QVit(nn.Module):
                 quantizer.name = name
 
     def _convert(self) -> None:
-        recipe, state = self.recipe, self.state
         # Collect first: converting while iterating named_modules() would visit the new children.
-        for _, module in list(self.model.named_modules()):
-            kind = type(module)
-            if kind is Block:
-                QuantBlock.convert(module)
-            elif kind is Attention:
-                QuantAttention.convert(
-                    module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax
-                )
-            elif kind is nn.Linear:
-                QuantLinear.convert(module, state, activation=recipe.activation, weight=recipe.weight)
-            elif kind is nn.Conv2d:
-                QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
-            elif kind in (nn.LayerNorm, TimmLayerNorm):
-                QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
+        for module in list(self.model.modules()):
+            convert_module(module, self.state, self.recipe)
 
     def _apply_layer_specs(self) -> None:
         """Replace the quantizers named by the recipe's ``layers`` patterns (later patterns win)."""
@@ -130,7 +118,7 @@ class QVit(nn.Module):
                     raise ConfigError(f"{where}: the integer softmax needs uniform, layer_wise scores at {name}")
             parent, _, attr = name.rpartition(".")
             new = TensorQuantizer(spec, self.state, num_channels=old.num_channels, channel_axis=old.channel_axis,
-                                  static=old.static, kind=old.kind, device=old.scale.device)
+                                  is_weight=old.is_weight, kind=old.kind, device=old.scale.device)
             setattr(self.model.get_submodule(parent), attr, new)
 
     # -- modes ---------------------------------------------------------------------------------------
@@ -207,7 +195,7 @@ class QVit(nn.Module):
         if self.recipe.reparam is not None and not self.reparam_factors:
             raise RuntimeError(f"recipe {self.recipe.name} reparameterizes the LayerNorm outputs: run the images through reparameterizing() first")
         ranges_fixed, self._ranges_fixed = self._ranges_fixed, False
-        if distributed() and self.needs_range_pass and not ranges_fixed:
+        if is_distributed() and self.needs_range_pass and not ranges_fixed:
             raise RuntimeError("distributed calibration needs a first observing_ranges() pass over the same images")
         if not ranges_fixed:
             for quantizer in self.quantizers().values():
@@ -332,7 +320,7 @@ def _check_supported(model: nn.Module) -> None:
         if kind is Attention and getattr(module, "gate", None) is not None:
             raise UnsupportedModelError(f"attention {name!r} is gated, which QVit cannot quantize")
         has_weights = next(module.parameters(recurse=False), None) is not None
-        if has_weights and kind not in _CONVERTIBLE and not isinstance(module, _FLOAT_OK):
+        if has_weights and kind not in QUANT_MODULES and not isinstance(module, _FLOAT_OK):
             raise UnsupportedModelError(
                 f"module {name!r} ({kind.__name__}) has weights but no quantized counterpart; QVit supports plain timm ViT/DeiT architectures"
             )

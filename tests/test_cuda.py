@@ -101,7 +101,7 @@ def test_calibrated_on_cuda_loads_on_the_cpu(tmp_path):
 
 
 def test_gpu_bin_counts_equal_bincount_without_a_sync():
-    from models.ptq.observers import _bin_counts
+    from models.ptq.histogram import _bin_counts
 
     idx = torch.cat([torch.randint(0, 3000, (200_000,)), torch.tensor([0, 2999, 2999])]).to(torch.int32)
     on_gpu = idx.to(CUDA)

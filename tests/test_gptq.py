@@ -1,7 +1,6 @@
 """GPTQ weight rounding against an independent Optimal-Brain-Quantization loop, and inside QVit."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import torch
 
 from conftest import calibrated, make_tiny_vit, tiny_images
 from models.ptq.gptq import collect_hessians, gptq_quantize, input_rows
-from models.ptq.layers import QuantLinear
 from models.ptq.tensor_quantizer import QuantState, TensorQuantizer
 from models.quant_vit import QVit
 from quant_config import BitTypeConfig, ConfigError, GPTQSpec, QuantizerSpec, load_recipe
@@ -41,7 +39,7 @@ def setup(bits: int, seed: int = 0, rows: int = 400, out: int = 12, cols: int = 
     X = (torch.randn(rows, cols, generator=g) @ mix) * torch.linspace(0.2, 3.0, cols)
     W = torch.randn(out, cols, generator=g)
     spec = QuantizerSpec(bit_type=BitTypeConfig(bits, True, f"int{bits}"), calibration_mode="channel_wise")
-    q = TensorQuantizer(spec, QuantState(), num_channels=out, channel_axis=0, static=True)
+    q = TensorQuantizer(spec, QuantState(), num_channels=out, channel_axis=0, is_weight=True)
     q.observer.update(W)
     q.finalize()
     return X, W, q
@@ -88,7 +86,7 @@ def test_a_patch_convolution_is_rounded_as_the_linear_on_its_patches():
         conv(images)
     torch.testing.assert_close(collector.hessians["conv"], rows.T @ rows, rtol=1e-5, atol=1e-4)
     spec = QuantizerSpec(bit_type=BitTypeConfig(4, True, "int4"), calibration_mode="channel_wise")
-    q = TensorQuantizer(spec, QuantState(), num_channels=8, channel_axis=0, static=True)
+    q = TensorQuantizer(spec, QuantState(), num_channels=8, channel_axis=0, is_weight=True)
     q.observer.update(conv.weight.detach())
     q.finalize()
     rounded = gptq_quantize(conv.weight, collector.hessians["conv"], q, GPTQSpec())

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.ptq.observers import OBSERVERS, KLObserver, PowerOfTwoFactor, StreamingHistogram, build_observer, histogram_sq_error
+from models.ptq.histogram import StreamingHistogram, histogram_sq_error
+from models.ptq.observers import OBSERVERS, KLObserver, build_observer
+from models.ptq.ptf import PowerOfTwoFactor
 from models.ptq.quantizers import UniformQuantizer
 from quant_config import BitTypeConfig, QuantizerSpec
 

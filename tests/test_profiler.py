@@ -117,7 +117,7 @@ def test_statistics_match_direct_computation(recipe, overrides):
     for name, qz in quantizers.items():
         row = table.loc[name]
         ref, (x_quant, out_quant) = fp32[name][0], quant[name]
-        per_image = not qz.static
+        per_image = not qz.is_weight
         # Accumulated view: the FP32 model's tensor against the quantized model's quantized tensor.
         assert row.qsnr_db == pytest.approx(qsnr(ref, out_quant), rel=1e-4), name
         assert row.mse == pytest.approx(float((ref.double() - out_quant.double()).square().mean()), rel=1e-4)

@@ -211,7 +211,7 @@ def test_layers_patterns_replace_only_the_matching_points():
         elif name == "blocks.1.mlp.fc2.weight_quant":
             assert bt.bits == 6 and q.per_channel
         elif name.startswith("blocks.1.") and name.endswith("weight_quant"):
-            assert bt.bits == 4 and q.per_channel and q.static
+            assert bt.bits == 4 and q.per_channel and q.is_weight
         else:
             assert q.spec == getattr(qvit.recipe, q.kind) or name.endswith("softmax.input_quant"), name
     assert "head.input_quant" not in points and not qvit.model.head.input_quant.enabled

@@ -186,7 +186,7 @@ def test_tensor_quantizer_channel_wise_weight_axis0_matches_rows():
     torch.manual_seed(0)
     w = torch.randn(6, 20) * torch.linspace(0.1, 3, 6)[:, None]
     state = QuantState(QuantMode.CALIBRATE)
-    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=6, channel_axis=0, static=True)
+    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=6, channel_axis=0, is_weight=True)
     q(w)
     assert q.finalize()
     ref = w.abs().amax(dim=1) / 127
@@ -228,7 +228,7 @@ def test_tensor_quantizer_modes_and_uncalibrated_error():
 def test_static_weight_cache_follows_in_place_updates():
     state = QuantState(QuantMode.CALIBRATE)
     w = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
-    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=4, channel_axis=0, static=True)
+    q = TensorQuantizer(_spec(bit_type=INT8, calibration_mode="channel_wise"), state, num_channels=4, channel_axis=0, is_weight=True)
     q(w)
     q.finalize()
     state.mode = QuantMode.QUANT
@@ -264,3 +264,26 @@ def test_more_bits_give_smaller_error():
         state.mode = QuantMode.QUANT
         errors.append((q(x) - x).square().mean().item())
     assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.mark.parametrize("name", ["uniform", "log2", "log_sqrt2", "twin_uniform"])
+def test_capabilities_say_what_the_method_does(name):
+    """The properties the profiler, scale search and export ask are true of the method's actual outputs."""
+    method = build_quantizer(name)
+    rng = np.random.default_rng(3)
+    bt = UINT8 if name in ("log2", "log_sqrt2") else INT8
+    # A GELU-like sliver below zero: twin_uniform's negative grid is then finer than one uniform grid.
+    lo, hi = torch.tensor(-0.05 if bt.symmetric else 0.0), torch.tensor(float(rng.uniform(0.3, 5.0)))
+    scale, zero_point = method.qparams(lo, hi, bt)
+    # A power-of-two scale exactly when the method promises one (log2: a shift; log_sqrt2: the maximum itself).
+    assert bool(torch.log2(scale) == torch.round(torch.log2(scale))) == method.power_of_two_scale
+    x = torch.from_numpy(rng.uniform(float(lo), float(hi), 4096).astype(np.float32)).clamp_min(1e-6 if not bt.symmetric else -1.0)
+    out = method.fake_quant(x, float(scale), float(zero_point), bt)
+    if method.log_domain:  # every non-zero output is scale * 2^(-k * step) for a whole k
+        k = -torch.log2(out[out > 0] / scale) / method.step
+        assert torch.allclose(k, torch.round(k), atol=1e-4)
+    else:
+        assert not hasattr(method, "step")
+    # Exportable as Q/DQ exactly when ONNX's (= PyTorch's) fake quantization gives the same tensor.
+    reference = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), bt.qmin, bt.qmax)
+    assert torch.equal(out, reference) == method.qdq_exportable

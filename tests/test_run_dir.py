@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from utils.run_dir import RunDir, write_json_atomic
+from utils.run_dir import RunDir, atomic_path, write_json_atomic
 
 
 def test_failed_run_leaves_nothing(tmp_path):
@@ -34,3 +34,26 @@ def test_atomic_json_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json_atomic(target, {"ok": 1})
     assert json.loads(target.read_text()) == {"ok": 1}
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_atomic_path_is_complete_or_absent(tmp_path, kind):
+    target = tmp_path / "out" / ("plot.png" if kind == "file" else "plots")
+
+    def write(path):
+        if kind == "file":
+            path.write_bytes(b"png")
+        else:
+            path.mkdir()
+            (path / "a.png").write_bytes(b"png")
+
+    with pytest.raises(KeyboardInterrupt), atomic_path(target, suffix=".png" if kind == "file" else "") as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".") and not tmp.exists()
+        write(tmp)
+        raise KeyboardInterrupt  # interrupted half-way: nothing is left, not even the hidden path
+    assert list(target.parent.iterdir()) == []
+    with atomic_path(target, suffix=".png" if kind == "file" else "") as tmp:
+        assert tmp.suffix == (".png" if kind == "file" else ".partial")
+        write(tmp)
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert (target.read_bytes() if kind == "file" else (target / "a.png").read_bytes()) == b"png"

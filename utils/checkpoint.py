@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +16,7 @@ from torch import nn
 from models.quant_vit import QVit
 from quant_config import ConfigError, QuantRecipe, recipe_from_dict
 from utils.errors import UserError
+from utils.run_dir import atomic_path
 
 __all__ = [
     "supported_models",
@@ -135,15 +134,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_calibrated(qvit: QVit, path: str | Path, model_name: str, weights_fingerprint: str, checkpoint_sha256: str | None) -> None:
@@ -208,11 +200,13 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
         raise UserError(f"calibrated file {path} holds uncalibrated quantizers")
 
 
-def restore_calibrated(path: str | Path, model_name: str, checkpoint: str | Path | None) -> QVit:
-    """The calibrated QVit of ``path``: ``model_name`` built with ``checkpoint`` (timm's pretrained
-    weights without), converted with the file's recipe, its quantizer state loaded; in eval mode."""
+def restore_calibrated(path: str | Path, model_name: str | None, checkpoint: str | Path | None) -> QVit:
+    """The calibrated QVit of ``path``: ``model_name`` (None: the file's) built with ``checkpoint``
+    (timm's pretrained weights without), converted with the file's recipe, its quantizer state loaded;
+    in eval mode, on the CPU."""
     path = Path(path)
     record, recipe = read_calibrated(path)
+    model_name = model_name or record["model"]
     check_model_name(model_name)
     if record["model"] != model_name:
         raise UserError(f"--calibrated {path} was made for {record['model']}, not {model_name}")

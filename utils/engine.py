@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.ptq.observers import distributed
+from models.ptq.collectives import is_distributed
 from models.quant_vit import QVit
 from utils.data import Batch
 from utils.errors import UserError
@@ -102,7 +102,7 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
     if qvit.needs_range_pass:
         passes.append(("ranges", qvit.observing_ranges, math.inf))
     passes.append(("calibrate", qvit.calibrating, math.inf))
-    world = dist.get_world_size() if distributed() else 1  # image budgets below are shared by the processes
+    world = dist.get_world_size() if is_distributed() else 1  # image budgets below are shared by the processes
     if qvit.recipe.scale_search is not None:
         passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
     if qvit.recipe.bias_correction is not None:

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.ptq.quantizers import UniformQuantizer
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
 from utils.errors import UserError
@@ -77,11 +76,11 @@ def _plan(name: str, q: TensorQuantizer, zero_points: bool) -> ExportPoint:
         return ExportPoint(name, "float", "disabled", None, None)
     if name.endswith("softmax.input"):
         return ExportPoint(name, "float", "integer-softmax scores (the runtimes run the softmax in float)", None, None)
-    if not isinstance(q.method, UniformQuantizer):
+    if not q.method.qdq_exportable:
         return ExportPoint(name, "float", f"{spec.quantizer} grid (Q/DQ is uniform)", None, None)
     if bt.bits != 8:
         return ExportPoint(name, "float", f"{bt.bits}-bit (Q/DQ is 8-bit)", None, None)
-    if q.per_channel and not q.static:
+    if q.per_channel and not q.is_weight:
         why = "power-of-two-factor" if spec.power_of_two_factor else "per-channel"
         return ExportPoint(name, "float", f"{why} activation scales (Q/DQ activations are per-tensor)", None, None)
     scale = q.scale.detach().float().cpu()

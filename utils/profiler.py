@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.ptq.quantizers import Log2Quantizer
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
 from utils.data import Batch
@@ -106,10 +105,10 @@ class HistogramBins:
     @classmethod
     def for_quantizer(cls, q: TensorQuantizer) -> HistogramBins:
         bt = q.spec.bit_type
-        if isinstance(q.method, Log2Quantizer):
+        if q.method.log_domain:
             # Levels are the exponents -max_code * step ... 0 (log2: integers, log_sqrt2: halves), rounding
             # half-way between; cells from two below the smallest level to one above the largest, 9 bins each.
-            max_code, step = Log2Quantizer.max_code(bt), q.method.step
+            max_code, step = q.method.max_code(bt), q.method.step
             cells = max_code + 4
             return cls(-(max_code + 2.5) * step, step / 9, 9 * cells, 9, float(q.scale.max()), (-max_code * step, 0.0))
         scale = q.scale.float()
@@ -310,27 +309,27 @@ class _Profiler:
         if point is None or self.phase not in ("fp32", "quant"):
             return
         x = args[0]
-        static = module.static
-        if static and id(module) in self.weights_done:
+        is_weight = module.is_weight
+        if is_weight and id(module) in self.weights_done:
             return  # a weight's statistics are those of its first call
-        detail = self._detail_rows(x, static)
-        detail_x = x if static else x[:detail]  # a weight is one whole tensor
+        detail = self._detail_rows(x, is_weight)
+        detail_x = x if is_weight else x[:detail]  # a weight is one whole tensor
         if self.phase == "fp32":
             self.refs[id(module)] = x
             if point.iso is not None:
                 quantized = module.fake_quant(x) if module.enabled else x
-                point.iso.update(x, quantized, self._clipped(module, detail_x) if detail else 0, not static, detail)
+                point.iso.update(x, quantized, self._clipped(module, detail_x) if detail else 0, not is_weight, detail)
             return
         ref = self.refs.pop(id(module), None)
         if ref is None:
             return
-        point.acc.update(ref, output, self._clipped(module, detail_x) if detail else 0, not static, detail)
-        if static:
+        point.acc.update(ref, output, self._clipped(module, detail_x) if detail else 0, not is_weight, detail)
+        if is_weight:
             self.weights_done.add(id(module))
 
-    def _detail_rows(self, x: Tensor, static: bool) -> int:
+    def _detail_rows(self, x: Tensor, is_weight: bool) -> int:
         """Leading rows of this batch among the first ``detail_samples`` images profiled (a weight: its one row)."""
-        return 1 if static else max(0, min(self.detail_samples - self.images, x.shape[0]))
+        return 1 if is_weight else max(0, min(self.detail_samples - self.images, x.shape[0]))
 
     @staticmethod
     def _clipped(q: TensorQuantizer, x: Tensor) -> Tensor | int:
@@ -342,19 +341,19 @@ class _Profiler:
         scale * 2^(step / 2), or non-zero and flushed to zero).
         """
         bt = q.spec.bit_type
-        if q.scale.dim() == 0 and not isinstance(q.method, Log2Quantizer):
+        if q.scale.dim() == 0 and not q.method.log_domain:
             # Usually nothing saturates: one min/max pass proves it without counting.
             lo, hi = torch.aminmax(x)
             below, above = q.method.grid_bounds(q.scale_value, float(q.zero_point), bt, margin=0.5)
             if float(lo) >= below and float(hi) <= above:
                 return 0
-        scale = q._broadcast(q.scale, x)
-        if isinstance(q.method, Log2Quantizer):
+        scale = q.broadcast(q.scale, x)
+        if q.method.log_domain:
             mag = x.abs()
             step = q.method.step
-            smallest = scale * 2.0 ** (-(Log2Quantizer.max_code(bt) + 0.5) * step)
+            smallest = scale * 2.0 ** (-(q.method.max_code(bt) + 0.5) * step)
             return torch.count_nonzero(mag > scale * 2.0 ** (step / 2)) + torch.count_nonzero((mag > 0) & (mag < smallest))
-        below, above = q.method.grid_bounds(scale, q._broadcast(q.zero_point, x), bt, margin=0.5)
+        below, above = q.method.grid_bounds(scale, q.broadcast(q.zero_point, x), bt, margin=0.5)
         return torch.count_nonzero(x < below) + torch.count_nonzero(x > above)
 
     # -- passes --------------------------------------------------------------------------------------

@@ -5,30 +5,46 @@ the final name is ``<log_dir>/<YYYYmmdd-HHMMSS>`` with ``-2``, ``-3``, ... appen
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunDir", "atomic_path", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A hidden, not yet existing path beside ``path`` to write a file or a folder at, in any way (a
+    library's save function, a copy); renamed onto ``path`` when the block ends without an error and
+    removed otherwise, so that ``path`` is either complete or absent. ``suffix`` keeps an extension
+    for writers that infer the format from it (``.png``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to a hidden temporary file beside ``path``, synced, then renamed into place."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -24,7 +24,6 @@ import functools
 import importlib.util
 import json
 import re
-import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -33,7 +32,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils.errors import UserError
 from utils import onnx_export
 from utils.onnx_export import ExportPoint
 from utils.run_dir import write_bytes_atomic
@@ -41,7 +39,6 @@ from utils.run_dir import write_bytes_atomic
 __all__ = [
     "EngineError",
     "EngineRunner",
-    "benchmark",
     "build_engine",
     "check_deployable",
     "compute_nodes",
@@ -194,22 +191,6 @@ def _torch_dtype(trt_dtype) -> torch.dtype:
     import tensorrt as trt
 
     return torch.from_numpy(np.empty(0, dtype=trt.nptype(trt_dtype))).dtype
-
-
-def benchmark(runner: EngineRunner, batch: int, iters: int) -> float:
-    """Median seconds of one ``batch`` run (CUDA events; three warm-up runs first)."""
-    x = torch.randn(batch, *runner.sample_shape, device="cuda")
-    for _ in range(3):
-        runner(x)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        runner(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def compute_nodes(model) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ptq.observers import all_reduce_
+from models.ptq.collectives import all_reduce_
 
 __all__ = ["InputMeans", "correct_biases", "layer_inputs", "mean_output_shift"]
 

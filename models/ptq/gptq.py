@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ptq.observers import all_reduce_
+from models.ptq.collectives import all_reduce_
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import GPTQSpec
 

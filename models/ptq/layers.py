@@ -22,7 +22,7 @@ from models.ptq.int_ops import IExpConstants, int_softmax
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantizerSpec
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantIntSoftmax", "QuantAttention", "QuantBlock"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantSoftmax", "QuantAttention", "QuantBlock"]
 
 
 def _device(module: nn.Module) -> torch.device | None:
@@ -30,8 +30,9 @@ def _device(module: nn.Module) -> torch.device | None:
     return param.device if param is not None else None
 
 
-class _BiasCorrected:
-    """A Conv/Linear whose bias gets a correction (models/ptq/bias_correction.py) when it runs quantized.
+class _QuantWeightedLayer:
+    """A Conv/Linear with a quantized input and weight, whose bias gets a correction
+    (models/ptq/bias_correction.py) when it runs quantized.
 
     ``bias_correction`` is a buffer only once set (absent from the state dict otherwise, like a
     quantizer's ``rounded`` weight); the FP32 mode keeps the original bias.
@@ -42,6 +43,20 @@ class _BiasCorrected:
     bias_correction: Tensor | None
     input_quant: TensorQuantizer
     weight_quant: TensorQuantizer
+    input_channel_axis = -1  # where the input's channels are: a Linear's features are last
+
+    @classmethod
+    def convert(cls, module: nn.Module, state: QuantState, *, activation: QuantizerSpec | None, weight: QuantizerSpec | None):
+        """Turn ``module`` into ``cls`` in place with its two quantizers: the input, and the weight per
+        output channel (axis 0; the weight is [out, in, ...] for both Linear and Conv2d)."""
+        module.__class__ = cls
+        dev = _device(module)
+        out_channels, in_channels = module.weight.shape[0], module.weight.shape[1] * getattr(module, "groups", 1)
+        module.state = state
+        module.register_buffer("bias_correction", None)
+        module.input_quant = TensorQuantizer(activation, state, num_channels=in_channels, channel_axis=cls.input_channel_axis, kind="activation", device=dev)
+        module.weight_quant = TensorQuantizer(weight, state, num_channels=out_channels, channel_axis=0, is_weight=True, kind="weight", device=dev)
+        return module
 
     def set_bias_correction(self, value: Tensor) -> None:
         self.bias_correction = value.detach().clone()
@@ -60,46 +75,23 @@ class _BiasCorrected:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _add_input_and_weight_quant(
-    module: nn.Module, state: QuantState, activation: QuantizerSpec | None, weight: QuantizerSpec | None,
-    in_channels: int, in_axis: int, out_channels: int,
-) -> None:
-    """The two quantizers of a Conv/Linear: its input, and its weight per output channel (axis 0)."""
-    dev = _device(module)
-    module.state = state
-    module.register_buffer("bias_correction", None)
-    module.input_quant = TensorQuantizer(activation, state, num_channels=in_channels, channel_axis=in_axis, kind="activation", device=dev)
-    module.weight_quant = TensorQuantizer(weight, state, num_channels=out_channels, channel_axis=0, static=True, kind="weight", device=dev)
-
-
-class QuantLinear(_BiasCorrected, nn.Linear):
+class QuantLinear(_QuantWeightedLayer, nn.Linear):
     """``nn.Linear`` with a quantized input (per tensor or per input feature) and weight (per output row)."""
 
     input_quant: TensorQuantizer
     weight_quant: TensorQuantizer
 
-    @classmethod
-    def convert(cls, module: nn.Linear, state: QuantState, *, activation: QuantizerSpec | None, weight: QuantizerSpec | None) -> "QuantLinear":
-        module.__class__ = cls
-        _add_input_and_weight_quant(module, state, activation, weight, module.in_features, -1, module.out_features)
-        return module
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
 
 
-class QuantConv2d(_BiasCorrected, nn.Conv2d):
+class QuantConv2d(_QuantWeightedLayer, nn.Conv2d):
     """``nn.Conv2d`` (the patch embedding) with a quantized input image and per-filter weight."""
 
     input_quant: TensorQuantizer
     weight_quant: TensorQuantizer
 
-    @classmethod
-    def convert(cls, module: nn.Conv2d, state: QuantState, *, activation: QuantizerSpec | None, weight: QuantizerSpec | None) -> "QuantConv2d":
-        module.__class__ = cls
-        # Input channels sit on axis 1 of an image batch.
-        _add_input_and_weight_quant(module, state, activation, weight, module.in_channels, 1, module.out_channels)
-        return module
+    input_channel_axis = 1  # an image batch's channels
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
@@ -144,7 +136,7 @@ class QuantAct(nn.Identity):
         return self.input_quant(x)
 
 
-class QuantIntSoftmax(nn.Softmax):
+class QuantSoftmax(nn.Softmax):
     """Softmax over the last axis with quantized output: FQ-ViT's log-int-softmax (Sec. 3.3) or uniform.
 
     With ``integer=True`` the scores are first quantized (``input_quant``, per tensor, as FQ-ViT's
@@ -191,7 +183,7 @@ class QuantAttention(Attention):
     q_act: QuantAct
     k_act: QuantAct
     v_act: QuantAct
-    softmax: QuantIntSoftmax
+    softmax: QuantSoftmax
 
     @classmethod
     def convert(
@@ -209,7 +201,7 @@ class QuantAttention(Attention):
         module.q_act = QuantAct(activation, state, num_channels=module.head_dim, device=dev)
         module.k_act = QuantAct(activation, state, num_channels=module.head_dim, device=dev)
         module.v_act = QuantAct(activation, state, num_channels=module.head_dim, device=dev)
-        module.softmax = QuantIntSoftmax(state, scores=activation, attention=attention, integer=integer_softmax, device=dev)
+        module.softmax = QuantSoftmax(state, scores=activation, attention=attention, integer=integer_softmax, device=dev)
         return module
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, **kwargs) -> Tensor:

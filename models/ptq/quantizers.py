@@ -40,9 +40,13 @@ SCALE_EPS = float(torch.finfo(torch.float32).eps)
 
 
 class QuantMethod:
-    """Interface shared by the quantizer methods."""
+    """Interface shared by the quantizer methods, with what each can do: callers (profiler, scale search,
+    export) ask these, never the class."""
 
     name = ""
+    log_domain = False  # levels are s * 2^(-q * step): error and saturation are measured in log2 units
+    power_of_two_scale = False  # the scale must stay a power of two (a bit shift in integer kernels)
+    qdq_exportable = False  # ONNX QuantizeLinear/DequantizeLinear express it exactly (8-bit uniform)
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -61,6 +65,7 @@ class QuantMethod:
 
 class UniformQuantizer(QuantMethod):
     name = "uniform"
+    qdq_exportable = True
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         lo, hi = lo.float(), hi.float()
@@ -90,6 +95,8 @@ _EXPONENT_MASK = -(2**23)  # sign and exponent bits of an int32 view
 
 class Log2Quantizer(QuantMethod):
     name = "log2"
+    log_domain = True
+    power_of_two_scale = True
     step = 1.0  # distance of neighbouring levels in log2 units
 
     @staticmethod
@@ -126,6 +133,7 @@ class Log2Quantizer(QuantMethod):
 
 class LogSqrt2Quantizer(Log2Quantizer):
     name = "log_sqrt2"
+    power_of_two_scale = False  # the calibrated maximum itself
     step = 0.5
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:

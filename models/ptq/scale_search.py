@@ -47,8 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.ptq.layers import QuantAttention, QuantLinear
-from models.ptq.observers import all_reduce_
-from models.ptq.quantizers import Log2Quantizer
+from models.ptq.collectives import all_reduce_
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import ScaleSearchSpec
 
@@ -57,14 +56,14 @@ __all__ = ["ScaleSearch", "searchable", "search_scales"]
 
 def searchable(q: TensorQuantizer) -> bool:
     """Whether the search refines this point: an enabled, calibrated activation, attention map or LayerNorm
-    input (per channel: all its scales move together, so PTF's power-of-two ratios stay), not on a
-    power-of-two log2 grid."""
+    input (per channel: all its scales move together, so PTF's power-of-two ratios stay) whose scale
+    need not be a power of two (log2's must)."""
     return (
         q.spec is not None
         and q.enabled
         and q.is_calibrated
         and q.kind in ("activation", "attention", "layernorm_input")
-        and type(q.method) is not Log2Quantizer
+        and not q.method.power_of_two_scale
     )
 
 
@@ -86,10 +85,10 @@ class _Point:
     @torch.no_grad()
     def score(self, x: Tensor, op: Callable[[Tensor], Tensor], reference: Tensor) -> None:
         q = self.quantizer
-        zero_point = q._broadcast(self.zero_point, x) if q.per_channel else self.zero_point
+        zero_point = q.broadcast(self.zero_point, x) if q.per_channel else self.zero_point
         errors = []
         for ratio in self.ratios:
-            scale = q._broadcast(self.scale * ratio, x) if q.per_channel else self.scale * ratio
+            scale = q.broadcast(self.scale * ratio, x) if q.per_channel else self.scale * ratio
             out = op(q.method.fake_quant(x, scale, zero_point, q.spec.bit_type))
             errors.append((out - reference).square().sum(dtype=torch.float64))
         # Out of place: the buffer may have been made in inference mode, the fisher batches run outside it.

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.ptq.observers import PowerOfTwoFactor, build_observer
+from models.ptq.observers import build_observer
+from models.ptq.ptf import PowerOfTwoFactor
 from models.ptq.quantizers import build_quantizer
 from quant_config import QuantizerSpec
 
@@ -59,7 +60,7 @@ class TensorQuantizer(nn.Module):
         state: the model-wide mode object.
         num_channels: size of the channel axis (used when ``spec`` is channel-wise).
         channel_axis: axis of the channels: 0 for weights, -1 (features) for activations.
-        static: the tensor is a parameter: observe it once and cache its quantized value.
+        is_weight: the tensor is a parameter: observe it once and cache its quantized value.
         kind: the recipe kind this point belongs to (for reports).
     """
 
@@ -70,7 +71,7 @@ class TensorQuantizer(nn.Module):
         *,
         num_channels: int = 1,
         channel_axis: int = -1,
-        static: bool = False,
+        is_weight: bool = False,
         kind: str = "",
         device: torch.device | str | None = None,
     ) -> None:
@@ -78,7 +79,7 @@ class TensorQuantizer(nn.Module):
         self.spec = spec
         self.state = state
         self.kind = kind
-        self.static = static
+        self.is_weight = is_weight
         self.channel_axis = channel_axis
         self.num_channels = num_channels
         self.name = ""  # module path, set by QVit
@@ -93,7 +94,7 @@ class TensorQuantizer(nn.Module):
         # None (and absent from the state dict) otherwise.
         self.register_buffer("rounded", None)
         self._ready = False  # mirror of `calibrated` that needs no device sync
-        self._static_seen = False  # a weight's range was recorded in the range pass
+        self._weight_seen = False  # a weight's range was recorded in the range pass
         self._cache: tuple[Any, Tensor] | None = None
         # Per-tensor scale and uniform zero points as Python floats: the fast path, read back once.
         self._args_key: tuple[int, int] | None = None
@@ -139,7 +140,7 @@ class TensorQuantizer(nn.Module):
 
     # -- calibration -------------------------------------------------------------------------------
     def reset_observer(self) -> None:
-        self._static_seen = False
+        self._weight_seen = False
         if self.observer is not None:
             self.observer.reset()
         if self.ptf is not None:
@@ -156,9 +157,9 @@ class TensorQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe_range(self, x: Tensor) -> None:
-        if self.static and self._static_seen:
+        if self.is_weight and self._weight_seen:
             return
-        self._static_seen = self.static
+        self._weight_seen = self.is_weight
         for stats in self._statistics():
             stats.observe_range(x.detach())
 
@@ -166,11 +167,11 @@ class TensorQuantizer(nn.Module):
     def fix_range(self) -> None:
         for stats in self._statistics():
             stats.fix_range()
-        self._static_seen = False  # the counting pass observes the weight again
+        self._weight_seen = False  # the counting pass observes the weight again
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        if self.static and self.observer.has_data:
+        if self.is_weight and self.observer.has_data:
             return  # a weight does not change between calibration batches
         x = x.detach()
         self.observer.update(x)
@@ -205,7 +206,7 @@ class TensorQuantizer(nn.Module):
     @torch.no_grad()
     def set_rounded(self, value: Tensor) -> None:
         """Use ``value`` (already on this weight's grid) as the quantized weight instead of rounding to nearest."""
-        if not self.static:
+        if not self.is_weight:
             raise RuntimeError(f"quantizer {self.name or '?'} is not a weight's: only weights keep a rounded value")
         self.rounded = value.detach().clone()
         self._cache = None
@@ -219,7 +220,7 @@ class TensorQuantizer(nn.Module):
         self._cache = self._args_key = None
 
     # -- quantization ------------------------------------------------------------------------------
-    def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
+    def broadcast(self, t: Tensor, x: Tensor) -> Tensor:
         if t.dim() == 0:
             return t
         axis = self.channel_axis % x.dim()
@@ -249,13 +250,13 @@ class TensorQuantizer(nn.Module):
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks); a weight with a
         rounded value (GPTQ) gives that value, which is ``x`` quantized by the rounding search."""
-        if self.static and self.rounded is not None:
+        if self.is_weight and self.rounded is not None:
             if self.rounded.shape != x.shape:
                 raise RuntimeError(f"quantizer {self.name or '?'}: its rounded weight is {tuple(self.rounded.shape)}, got {tuple(x.shape)}")
             return self.rounded.to(x.dtype)
         self._refresh_args()
-        scale = self._scale_float if self._scale_float is not None else self._broadcast(self.scale, x)
-        zero_point = self._zp_float if self._zp_float is not None else self._broadcast(self.zero_point, x)
+        scale = self._scale_float if self._scale_float is not None else self.broadcast(self.scale, x)
+        zero_point = self._zp_float if self._zp_float is not None else self.broadcast(self.zero_point, x)
         return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
 
     def quantize(self, x: Tensor) -> Tensor:
@@ -266,7 +267,7 @@ class TensorQuantizer(nn.Module):
             with torch.no_grad():
                 noise = self.fake_quant(x) - x
             return x + noise
-        if self.static and not torch.is_grad_enabled():
+        if self.is_weight and not torch.is_grad_enabled():
             key = (x.data_ptr(), x.device, x.dtype, _version(x), _version(self.scale), _version(self.zero_point))
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self.fake_quant(x))

@@ -1,0 +1,25 @@
+"""Collectives for distributed calibration (``torchrun``): an all-reduce that is a no-op in one process.
+
+Observers, GPTQ, the scale search and bias correction sum or bound their statistics across processes
+with :func:`all_reduce_`, so that every process ends with what one process would compute on all the
+batches (see :mod:`models.ptq.observers`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["all_reduce_", "is_distributed"]
+
+
+def is_distributed() -> bool:
+    """True inside a torch.distributed process group of more than one process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def all_reduce_(t: Tensor, op: str) -> Tensor:
+    """In-place all-reduce (``"min"``, ``"max"`` or ``"sum"``) across the process group; a no-op in one process."""
+    if is_distributed():
+        torch.distributed.all_reduce(t, op={"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX,
+                                            "sum": torch.distributed.ReduceOp.SUM}[op])  # fmt: skip
+    return t

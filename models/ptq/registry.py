@@ -1,0 +1,71 @@
+"""Which quantized class replaces each float module class (NVIDIA ModelOpt's ``QuantModuleRegistry`` idea).
+
+:data:`QUANT_MODULES` maps a float class to its converter, ``convert(module, state, recipe)``, which
+turns the module into its quantized subclass from :mod:`models.ptq.layers` in place, handing the layer
+only the specs of its own tensors. A new architecture is new entries here (``@register(FloatClass)``),
+not new branches in :class:`models.quant_vit.QVit`. Lookup is by exact class: a subclass of a
+registered class may compute something else and must be registered itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.models.vision_transformer import Attention, Block
+from torch import nn
+
+from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.tensor_quantizer import QuantState
+from quant_config import QuantRecipe
+
+__all__ = ["QUANT_MODULES", "Converter", "convert_module", "register"]
+
+Converter = Callable[[nn.Module, QuantState, QuantRecipe], nn.Module]
+QUANT_MODULES: dict[type[nn.Module], Converter] = {}
+
+
+def register(*float_classes: type[nn.Module]) -> Callable[[Converter], Converter]:
+    """Decorator: ``convert`` is how each of ``float_classes`` becomes quantized."""
+
+    def add(convert: Converter) -> Converter:
+        for cls in float_classes:
+            if cls in QUANT_MODULES:
+                raise ValueError(f"{cls.__name__} already has a quantized counterpart")
+            QUANT_MODULES[cls] = convert
+        return convert
+
+    return add
+
+
+def convert_module(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> bool:
+    """Convert ``module`` in place if its class is registered; returns whether it was."""
+    convert = QUANT_MODULES.get(type(module))
+    if convert is None:
+        return False
+    convert(module, state, recipe)
+    return True
+
+
+@register(nn.Linear)
+def _linear(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantLinear.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+
+
+@register(nn.Conv2d)
+def _conv2d(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantConv2d.convert(module, state, activation=recipe.activation, weight=recipe.weight)
+
+
+@register(nn.LayerNorm, TimmLayerNorm)
+def _layernorm(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
+
+
+@register(Attention)
+def _attention(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantAttention.convert(module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax)
+
+
+@register(Block)
+def _block(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantBlock.convert(module)
