@@ -31,9 +31,11 @@ import yaml
 
 from quant_config import DEFAULT_RECIPE, ConfigError, QuantRecipe, available_recipes, load_recipe, resolve_recipe_path
 from utils.errors import ArgumentParser, UserError, run_script
-from utils.run_dir import atomic_path, write_json_atomic, write_text_atomic
+from utils.run_dir import RunDir, atomic_path, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
+    import torch
+
     from utils.distributed import Dist
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -179,8 +181,6 @@ class Calibration:
 
 def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
     """One process's run (the only one without torchrun); rank 0 returns the run folder, the others None."""
-    from utils.run_dir import RunDir
-
     say = print if where.main else (lambda *parts, **kwargs: None)  # one voice: rank 0's
     job = choose_recipe_and_model(args)
     with contextlib.ExitStack() as stack:
