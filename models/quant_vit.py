@@ -43,7 +43,8 @@ from typing import Iterator
 
 import torch
 from timm.layers import LayerScale, PatchEmbed
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
 
 from models.ptq.bias_correction import correct_biases, layer_inputs
@@ -66,8 +67,9 @@ class UnsupportedModelError(ValueError):
 
 
 # Modules with parameters of their own are converted to a quantized subclass (models.ptq.registry) or
-# kept in float (embeddings and layer scales). Anything else with weights is an architecture QVit does not know.
-_FLOAT_OK = (VisionTransformer, LayerScale, PatchEmbed)
+# kept in float (the models' own embeddings and tokens, layer scales). Anything else with weights is an
+# architecture QVit does not know.
+_FLOAT_OK = (VisionTransformer, SwinTransformer, LayerScale, PatchEmbed)
 
 
 class QVit(nn.Module):
@@ -75,8 +77,8 @@ class QVit(nn.Module):
 
     def __init__(self, model: nn.Module, recipe: QuantRecipe) -> None:
         super().__init__()
-        if not isinstance(model, VisionTransformer):
-            raise UnsupportedModelError(f"QVit needs a timm VisionTransformer, got {type(model).__name__}")
+        if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+            raise UnsupportedModelError(f"QVit needs a timm image classification model (forward_features, forward_head), got {type(model).__name__}")
         _check_supported(model)  # before touching the model: a refused model is left as it was
         self.recipe = recipe
         self.state = QuantState(QuantMode.QUANT)
@@ -89,6 +91,9 @@ class QVit(nn.Module):
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
                 quantizer.name = name
+        # In the wrapped model's mode, for the QVit and the quantizers it added: an exporter that restores
+        # "the model's" training mode afterwards (torch.onnx) must not switch an eval model's DropPath on.
+        self.train(model.training)
 
     def _convert(self) -> None:
         # Collect first: converting while iterating named_modules() would visit the new children.
@@ -312,15 +317,20 @@ class QVit(nn.Module):
 
 
 def _check_supported(model: nn.Module) -> None:
-    """Refuse, naming the module, any structure whose forward QVit would not reproduce."""
+    """Refuse, naming the first such module, any structure whose forward QVit would not reproduce: a module
+    with weights that has no quantized counterpart (models.ptq.registry) and is not one QVit keeps in float,
+    or a subclass of a registered class (it may compute something else), or a gated attention."""
     for name, module in model.named_modules():
         kind = type(module)
-        if isinstance(module, (Block, Attention)) and kind not in (Block, Attention):
-            raise UnsupportedModelError(f"{name!r} is a {kind.__name__}, not a plain timm Block/Attention, which QVit cannot quantize")
+        where = f"{name!r}" if name else "the model"
+        base = next((cls for cls in QUANT_MODULES if isinstance(module, cls)), None)
+        if base is not None and kind not in QUANT_MODULES:
+            raise UnsupportedModelError(f"{where} is a {kind.__name__}, a subclass of timm's {base.__name__} that QVit cannot quantize")
         if kind is Attention and getattr(module, "gate", None) is not None:
-            raise UnsupportedModelError(f"attention {name!r} is gated, which QVit cannot quantize")
+            raise UnsupportedModelError(f"attention {where} is gated, which QVit cannot quantize")
         has_weights = next(module.parameters(recurse=False), None) is not None
         if has_weights and kind not in QUANT_MODULES and not isinstance(module, _FLOAT_OK):
             raise UnsupportedModelError(
-                f"module {name!r} ({kind.__name__}) has weights but no quantized counterpart; QVit supports plain timm ViT/DeiT architectures"
+                f"module {where} ({kind.__name__}) has weights but no quantized counterpart; "
+                "QVit quantizes timm ViT/DeiT and Swin (v1) structures"
             )

@@ -55,6 +55,29 @@ def make_tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:
     return model
 
 
+SWIN_SIZE = 56  # 14x14 patches of 4: two 7x7 windows a side in stage 0 (shifted blocks, so the mask), one in stage 1
+
+
+def make_tiny_swin(seed: int = 0, **kwargs):
+    """A two-stage Swin (v1): 2 blocks each, window 7, PatchMerging between the stages; on 56x56 images.
+
+    timm's init with the LayerNorm affines, biases and relative position bias tables perturbed, so that
+    none of them is the trivial value they start at."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    args = dict(img_size=SWIN_SIZE, patch_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10)
+    args.update(kwargs)
+    model = SwinTransformer(**args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+            elif "relative_position_bias_table" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
 def tiny_images(n: int = 8, seed: int = 1, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import OBSERVER_CASE_IDS, OBSERVER_CASES
-from conftest import make_tiny_vit, tiny_images
+from conftest import SWIN_SIZE, make_tiny_swin, make_tiny_vit, tiny_images
 from models.quant_vit import QVit
 from quant_config import load_recipe
 from utils.distributed import Dist, gather_eval, shard_batches
@@ -20,21 +20,24 @@ from utils.errors import UserError
 BATCHES = 4
 # Every observer, then the passes after calibration whose statistics are all-reduced too: the scale
 # search's scores (on the first 12 images: 2 batches, one per process) and GPTQ's H.
-CASES = OBSERVER_CASES + [
-    ("fqvit_w8a8_att8", {"scale_search": {"metric": "output", "images": 12}}),
-    ("fqvit_w8a8_att8", {"scale_search": {"images": 12}, "gptq": {}, "weight.bit_type.bits": 4}),
+# Swin (its window attention, shift mask and PatchMerging) with FQ-ViT's recipe and with TensorRT's reparameterized one.
+CASES = [(recipe, overrides, "vit") for recipe, overrides in OBSERVER_CASES] + [
+    ("fqvit_w8a8_att8", {"scale_search": {"metric": "output", "images": 12}}, "vit"),
+    ("fqvit_w8a8_att8", {"scale_search": {"images": 12}, "gptq": {}, "weight.bit_type.bits": 4}, "vit"),
+    ("fqvit_w8a8_att4", {}, "swin"),
+    ("trt_int8", {}, "swin"),
 ]
-CASE_IDS = OBSERVER_CASE_IDS + ["search-output", "search-fisher-gptq"]
+CASE_IDS = OBSERVER_CASE_IDS + ["search-output", "search-fisher-gptq", "swin-fqvit", "swin-trt"]
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    return [(tiny_images(6, seed=30 + i), torch.arange(6) % 10, 0) for i in range(BATCHES)]
+def batches(size: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [(tiny_images(6, seed=30 + i, size=size), torch.arange(6) % 10, 0) for i in range(BATCHES)]
 
 
-def run_case(recipe: str, overrides: dict, where: Dist) -> tuple[dict[str, torch.Tensor], object]:
-    """Calibrate and evaluate a tiny ViT on this process's share of the batches."""
-    qvit = QVit(make_tiny_vit(), load_recipe(recipe, overrides or None))
-    own = shard_batches(batches(), 1, where.rank, where.world)
+def run_case(recipe: str, overrides: dict, model: str, where: Dist) -> tuple[dict[str, torch.Tensor], object]:
+    """Calibrate and evaluate a tiny ViT or Swin on this process's share of the batches."""
+    qvit = QVit(make_tiny_swin() if model == "swin" else make_tiny_vit(), load_recipe(recipe, overrides or None))
+    own = shard_batches(batches(SWIN_SIZE if model == "swin" else 32), 1, where.rank, where.world)
     calibrate(qvit, own, torch.device("cpu"), progress=False)
     scales = {name: q.scale.clone() for name, q in qvit.quantizers().items()}
     scales.update({f"{name}.rounded": q.rounded.clone() for name, q in qvit.quantizers().items() if q.rounded is not None})
@@ -46,7 +49,7 @@ def worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)  # the same kernels as the single-process reference, so the same floats
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        out = [run_case(recipe, overrides, Dist(rank, world)) for recipe, overrides in CASES]
+        out = [run_case(*case, Dist(rank, world)) for case in CASES]
         if rank == 0:
             torch.save(out, os.path.join(folder, "distributed.pt"))
     finally:
@@ -66,7 +69,7 @@ def distributed_and_single(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = [run_case(recipe, overrides, Dist()) for recipe, overrides in CASES]
+        single = [run_case(*case, Dist()) for case in CASES]
     finally:
         torch.set_num_threads(threads)
     return torch.load(folder / "distributed.pt", weights_only=False), single

@@ -185,7 +185,7 @@ def test_distilled_and_avg_pool_variants_convert():
 
 
 def test_unsupported_architectures_are_named():
-    with pytest.raises(UnsupportedModelError, match="needs a timm VisionTransformer"):
+    with pytest.raises(UnsupportedModelError, match="needs a timm image classification model"):
         QVit(torch.nn.Linear(2, 2), load_recipe("fqvit_w8a8_att8"))
     map_pool = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10, global_pool="map")
     with pytest.raises(UnsupportedModelError, match="attn_pool"):

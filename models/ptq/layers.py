@@ -160,8 +160,12 @@ class QuantSoftmax(nn.Softmax):
         self.output_quant = TensorQuantizer(attention, state, kind="attention", device=device)
         self._iexp: IExpConstants | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (Swin's shifted windows: 0 or -100) is added to the scores after they are quantized, so
+        their grid is not stretched over it; a masked score's integer exponential is 0."""
         x = self.input_quant(x)
+        if mask is not None:
+            x = x + mask
         if self.integer and self.state.mode is QuantMode.QUANT and self.input_quant.enabled:
             scale = self.input_quant.scale_value
             if self._iexp is None or self._iexp_scale != scale:

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from timm.layers import LayerNorm as TimmLayerNorm
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.ptq.tensor_quantizer import QuantState
 from quant_config import QuantRecipe
 
@@ -69,3 +71,13 @@ def _attention(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.
 @register(Block)
 def _block(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
     return QuantBlock.convert(module)
+
+
+@register(WindowAttention)
+def _window_attention(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantWindowAttention.convert(module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax)
+
+
+@register(SwinTransformerBlock)
+def _swin_block(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return QuantSwinBlock.convert(module)

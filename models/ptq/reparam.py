@@ -40,14 +40,18 @@ ReparamFactors = dict[str, tuple[Tensor, Tensor]]
 
 
 def layernorm_linear_pairs(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, nn.Linear]]:
-    """Every LayerNorm whose output feeds exactly one Linear: each block's norm1 -> attn.qkv and norm2 -> mlp.fc1."""
+    """Every LayerNorm whose output feeds exactly one Linear: each ViT or Swin block's norm1 -> attn.qkv
+    and norm2 -> mlp.fc1, and each Swin PatchMerging's norm -> reduction."""
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
     from timm.models.vision_transformer import Block
 
     pairs = {}
-    for name, block in model.named_modules():
-        if isinstance(block, Block):
-            pairs[f"{name}.norm1"] = (block.norm1, block.attn.qkv)
-            pairs[f"{name}.norm2"] = (block.norm2, block.mlp.fc1)
+    for name, module in model.named_modules():
+        if isinstance(module, (Block, SwinTransformerBlock)):
+            pairs[f"{name}.norm1"] = (module.norm1, module.attn.qkv)
+            pairs[f"{name}.norm2"] = (module.norm2, module.mlp.fc1)
+        elif isinstance(module, PatchMerging):
+            pairs[f"{name}.norm"] = (module.norm, module.reduction)
     return pairs
 
 
