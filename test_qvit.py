@@ -45,11 +45,14 @@ DEMO_CLASSES, DEMO_CALIB_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 10, 20
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        description="FQ-ViT post-training quantization of a timm ViT/DeiT: calibrate, then evaluate FP32 vs INT8.",
+        description="FQ-ViT post-training quantization of a timm ViT/DeiT/Swin: calibrate, then evaluate FP32 vs INT8.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"timm vit_*/deit_* model name (default {DEFAULT_MODEL}; {DEMO_MODEL} with --demo)")
+    g.add_argument("--model", default=None, help=f"timm model name (default {DEFAULT_MODEL}; {DEMO_MODEL} with --demo): any whose modules with "
+                   "weights QVit can quantize (ViT/DeiT/DeiT-III/registers, Swin v1, ...); --list-models shows which")
+    g.add_argument("--list-models", nargs="?", const="vit_*,deit*,swin_*", default=None, metavar="GLOBS",
+                   help="print the timm models matching GLOBS (comma-separated; default vit_*,deit*,swin_*) that QVit accepts, and exit")
     g.add_argument("--checkpoint", default=None, help="local state dict (plain or under 'model'/'state_dict') instead of timm's pretrained download")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageNet-layout root holding train/<wnid>/*.JPEG (calibration) and val/<wnid>/*.JPEG (evaluation)")
@@ -142,7 +145,19 @@ def split_dirs(args: argparse.Namespace) -> tuple[Path | None, Path]:
     return calib, val
 
 
+def list_models(globs: str) -> None:
+    """The accepted timm model names, one per line (each checked on the meta device: nothing is downloaded)."""
+    from utils.checkpoint import supported_models
+
+    names = supported_models([g.strip() for g in globs.split(",") if g.strip()])
+    if not names:
+        raise UserError(f"--list-models {globs!r}: no timm model matching it is one QVit can quantize")
+    print("\n".join(names))
+
+
 def run(args: argparse.Namespace) -> Path | None:
+    if args.list_models is not None:
+        return list_models(args.list_models)
     check_arguments(args)
     from utils.device import resolve_device
 

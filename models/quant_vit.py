@@ -57,7 +57,7 @@ from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import ConfigError, QuantRecipe
 
-__all__ = ["QVit", "UnsupportedModelError"]
+__all__ = ["QVit", "UnsupportedModelError", "check_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ class QVit(nn.Module):
 
     def __init__(self, model: nn.Module, recipe: QuantRecipe) -> None:
         super().__init__()
-        if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
-            raise UnsupportedModelError(f"QVit needs a timm image classification model (forward_features, forward_head), got {type(model).__name__}")
-        _check_supported(model)  # before touching the model: a refused model is left as it was
+        check_supported(model)  # before touching the model: a refused model is left as it was
         self.recipe = recipe
         self.state = QuantState(QuantMode.QUANT)
         self.model = model
@@ -300,6 +298,21 @@ class QVit(nn.Module):
         return self.state.mode
 
     # -- introspection ---------------------------------------------------------------------------------
+    def block_sequence(self) -> list[tuple[str, nn.Module]]:
+        """The modules between the embedding and the final norm, in the order the model runs them, with
+        their paths: a ViT's ``blocks.i``; a Swin's ``layers.s.downsample`` (PatchMerging) and
+        ``layers.s.blocks.b``. Running them one after the other from the first one's input, then
+        ``norm`` and ``forward_head``, is the model's forward (the profiler resumes there)."""
+        m = self.model
+        if isinstance(getattr(m, "blocks", None), nn.Sequential):
+            return [(f"blocks.{i}", block) for i, block in enumerate(m.blocks)]
+        sequence = []
+        for s, stage in enumerate(getattr(m, "layers", [])):
+            if not isinstance(stage.downsample, nn.Identity):
+                sequence.append((f"layers.{s}.downsample", stage.downsample))
+            sequence.extend((f"layers.{s}.blocks.{b}", block) for b, block in enumerate(stage.blocks))
+        return sequence
+
     def quantizers(self, include_disabled: bool = True) -> dict[str, TensorQuantizer]:
         """Every quantization point with a spec, by module path (e.g. ``blocks.3.attn.softmax.output_quant``)."""
         return {
@@ -316,10 +329,13 @@ class QVit(nn.Module):
         return self.model(x)
 
 
-def _check_supported(model: nn.Module) -> None:
-    """Refuse, naming the first such module, any structure whose forward QVit would not reproduce: a module
-    with weights that has no quantized counterpart (models.ptq.registry) and is not one QVit keeps in float,
-    or a subclass of a registered class (it may compute something else), or a gated attention."""
+def check_supported(model: nn.Module) -> None:
+    """Refuse, naming the first such module, any structure whose forward QVit would not reproduce: not a
+    timm classification model, a module with weights that has no quantized counterpart
+    (models.ptq.registry) and is not one QVit keeps in float, a subclass of a registered class (it may
+    compute something else), or a gated attention."""
+    if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+        raise UnsupportedModelError(f"QVit needs a timm image classification model (forward_features, forward_head), got {type(model).__name__}")
     for name, module in model.named_modules():
         kind = type(module)
         where = f"{name!r}" if name else "the model"

@@ -83,14 +83,15 @@ def tiny_images(n: int = 8, seed: int = 1, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g)
 
 
-def calibrated(recipe: str = "fqvit_w8a8_att8", model=None, seed: int = 0, **overrides):
-    """A tiny ViT (``model`` or a fresh one from ``seed``) calibrated with ``recipe`` on 3 batches of 8 images."""
+def calibrated(recipe: str = "fqvit_w8a8_att8", model=None, seed: int = 0, size: int = 32, **overrides):
+    """A tiny ViT (``model`` or a fresh one from ``seed``) calibrated with ``recipe`` on 3 batches of 8
+    images of ``size`` pixels (a tiny Swin: SWIN_SIZE)."""
     from models.quant_vit import QVit
     from quant_config import load_recipe
     from utils.engine import calibrate
 
     qvit = QVit(model if model is not None else make_tiny_vit(seed), load_recipe(recipe, overrides or None))
-    calibrate(qvit, [(tiny_images(8, seed=10 + i), None, 0) for i in range(3)], torch.device("cpu"), progress=False)
+    calibrate(qvit, [(tiny_images(8, seed=10 + i, size=size), None, 0) for i in range(3)], torch.device("cpu"), progress=False)
     return qvit
 
 

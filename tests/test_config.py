@@ -123,7 +123,7 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
-    assert full6.layers == w6.layers == {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
+    assert full6.layers == w6.layers == {"*blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
     w4, w4mp = load_recipe("fqvit_plus_w4a8"), load_recipe("fqvit_plus_w4a8_mp")
     assert w4.weight.bit_type.bits == 4 and w4.gptq is not None and w4.activation.bit_type.bits == 8
     assert (w4.weight, w4.activation, w4.gptq) == (w4mp.weight, w4mp.activation, w4mp.gptq)

@@ -21,6 +21,7 @@ from utils.run_dir import atomic_path
 __all__ = [
     "supported_models",
     "check_model_name",
+    "check_model_structure",
     "create_model",
     "load_checkpoint",
     "file_sha256",
@@ -35,18 +36,49 @@ __all__ = [
 CALIBRATED_FORMAT = "qvit-calibrated/1"
 
 
-def supported_models() -> list[str]:
+DEFAULT_MODEL_PATTERNS = ("vit_*", "deit*", "swin_*")
+
+
+def supported_models(patterns: tuple[str, ...] | list[str] = DEFAULT_MODEL_PATTERNS) -> list[str]:
+    """The timm model names matching ``patterns`` (globs) that QVit accepts by structure, each checked
+    on the meta device (no weights allocated or downloaded)."""
     import timm
 
-    return sorted(timm.list_models(["vit_*", "deit_*"]))
+    accepted = []
+    for name in timm.list_models(list(patterns)):
+        try:
+            check_model_structure(name)
+        except UserError:
+            continue
+        accepted.append(name)
+    return accepted
 
 
 def check_model_name(name: str) -> None:
-    names = supported_models()
+    """``name`` is a timm model (a close match is suggested otherwise) whose structure QVit can quantize."""
+    import timm
+
+    names = timm.list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; expected a timm vit_*/deit_* model such as vit_base_patch16_224"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; expected a timm model such as vit_base_patch16_224 or swin_tiny_patch4_window7_224"
         raise UserError(f"unknown model {name!r}{hint}")
+    check_model_structure(name)
+
+
+def check_model_structure(name: str) -> None:
+    """Refuse, naming the first module QVit cannot quantize, the timm model ``name``: built on the meta
+    device, so nothing is allocated or downloaded."""
+    import timm
+
+    from models.quant_vit import UnsupportedModelError, check_supported
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    try:
+        check_supported(model)
+    except UnsupportedModelError as exc:
+        raise UserError(f"{name}: {exc}") from None
 
 
 def create_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:

@@ -16,8 +16,8 @@ code) and reports two views side by side:
   block's FP32 tensors are held.
 * **isolated** (``isolated=True``) - only that one point quantized, everything else FP32: locally
   ``x`` against ``Q(x)``, and end to end the logits with only that point on. The end-to-end run resumes
-  from the cached FP32 input of the point's block (timm's own ``blocks[i:]``, ``norm``,
-  ``forward_head``), so a point late in the network costs a fraction of a full forward.
+  from the cached FP32 input of the point's block (``QVit.block_sequence()``: a ViT's blocks, a Swin's
+  PatchMerging and blocks; then ``norm`` and ``forward_head``), so a point late in the network costs a fraction of a full forward.
 
 Statistics per point and view, streamed batch by batch (running float64 sums of float32 dot products,
 fixed-bin histograms), so memory does not grow with the number of images and a result over several
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,7 +74,6 @@ COLUMNS = (
     "iso_logit_cosine", "iso_logit_mse", "iso_agreement_top1",
 )  # fmt: skip
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _HIST_TARGET_BINS = 512
 _HIST_MAX_BINS = 4096
 
@@ -282,6 +280,9 @@ class _Profiler:
         self.detail_samples = detail_samples
         self.model = qvit.model
         self.isolated = isolated
+        # The blocks run one by one in the lockstep pass, and where an isolated run resumes.
+        self.sequence = [block for _, block in qvit.block_sequence()]
+        self.prefixes = [prefix for prefix, _ in qvit.block_sequence()]
         device = next(qvit.parameters()).device
         scratch = _Scratch()
         self.points: dict[int, _Point] = {}
@@ -292,7 +293,7 @@ class _Profiler:
                 point_name(path),
                 q,
                 bins,
-                _resume_point(path),
+                _resume_point(path, self.prefixes),
                 _Accumulator(bins, device, scratch),
                 _Accumulator(bins, device, scratch) if isolated else None,
             )
@@ -301,6 +302,7 @@ class _Profiler:
         self.block_inputs: dict[int | str, Tensor] = {}
         self.weights_done: set[int] = set()
         self.images = 0
+        self.batch_images = 1  # images in the batch being profiled
         self.logits = [0.0, 0.0, 0.0]  # accumulated view: cosine sum, mse sum, agreements
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -328,8 +330,13 @@ class _Profiler:
             self.weights_done.add(id(module))
 
     def _detail_rows(self, x: Tensor, is_weight: bool) -> int:
-        """Leading rows of this batch among the first ``detail_samples`` images profiled (a weight: its one row)."""
-        return 1 if is_weight else max(0, min(self.detail_samples - self.images, x.shape[0]))
+        """Leading rows of this batch that belong to the first ``detail_samples`` images profiled (a weight:
+        its one row). A tensor may have several rows per image, image by image: a Swin's window attention
+        runs on (images x windows, tokens, channels)."""
+        if is_weight:
+            return 1
+        images = max(0, min(self.detail_samples - self.images, self.batch_images))
+        return images * max(1, x.shape[0] // self.batch_images)
 
     @staticmethod
     def _clipped(q: TensorQuantizer, x: Tensor) -> Tensor | int:
@@ -362,8 +369,11 @@ class _Profiler:
         m = self.model
         if start == "full":
             return m(images)
-        h = m.norm(self.block_inputs["norm"]) if start == "norm" else m.norm(m.blocks[start:](self.block_inputs[start]))
-        return m.forward_head(h)
+        h = self.block_inputs[start]
+        if start != "norm":
+            for block in self.sequence[start:]:
+                h = block(h)
+        return m.forward_head(m.norm(h))
 
     @staticmethod
     def _compare(ref: Tensor, out: Tensor, into: list[float]) -> None:
@@ -377,7 +387,7 @@ class _Profiler:
         def stop(module, args):
             raise _ReachedBlocks(args[0])
 
-        handle = self.model.blocks[0].register_forward_pre_hook(stop)
+        handle = self.sequence[0].register_forward_pre_hook(stop)
         try:
             self.qvit(images)
         except _ReachedBlocks as reached:
@@ -393,11 +403,12 @@ class _Profiler:
         ``forward_head``; the hooks store each stage's FP32 tensors and compare them in its quantized run.
         """
         m = self.model
-        stages = [self._until_blocks, *m.blocks, lambda h: m.forward_head(m.norm(h))]
+        # A model without a known block sequence (models accepted by structure alone) runs whole.
+        stages = [self._until_blocks, *self.sequence, lambda h: m.forward_head(m.norm(h))] if self.sequence else [self.qvit]
         h_fp32 = h_quant = images
         for i, stage in enumerate(stages):
             if self.isolated and 0 < i:
-                self.block_inputs[i - 1 if i <= len(m.blocks) else "norm"] = h_fp32
+                self.block_inputs[i - 1 if i <= len(self.sequence) else "norm"] = h_fp32
             self.phase = "fp32"
             with self.qvit.fp32():
                 h_fp32 = stage(h_fp32)
@@ -420,6 +431,7 @@ class _Profiler:
                 if x is None:
                     continue
                 x = x.to(device, non_blocking=True)
+                self.batch_images = len(x)
                 logits_fp32, logits_q = self._lockstep(x)
                 self._compare(logits_fp32, logits_q, self.logits)
                 if self.isolated:
@@ -462,12 +474,13 @@ class _Profiler:
         for point in self.points.values():
             q = point.quantizer
             spec = q.spec
+            block = point.resume if isinstance(point.resume, int) else None
             row: dict[str, Any] = {
                 "name": point.name,
-                "layer_type": _BLOCK.sub("", point.name),
+                "layer_type": point.name.removeprefix(f"{self.prefixes[block]}.") if block is not None else point.name,
                 "kind": q.kind,
-                "stage": "blocks" if _BLOCK.match(point.name) else ("embed" if point.resume == "full" else "head"),
-                "block": int(_BLOCK.match(point.name).group(1)) if _BLOCK.match(point.name) else None,
+                "stage": "blocks" if block is not None else ("embed" if point.resume == "full" else "head"),
+                "block": block,
                 "bit_type": spec.bit_type.name,
                 "quantizer": spec.quantizer,
                 "observer": spec.observer,
@@ -528,12 +541,13 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _resume_point(path: str) -> int | str:
-    """Where an isolated run for this point can start: its block, the final norm, or the image."""
-    match = _BLOCK.match(path)
-    if match:
-        return int(match.group(1))
-    if path.split(".")[0] in ("norm", "fc_norm", "head", "head_dist", "head_drop"):
+def _resume_point(path: str, prefixes: list[str]) -> int | str:
+    """Where an isolated run for this point can start: its block (index into ``prefixes``, the paths of
+    QVit.block_sequence()), the final norm, or the image."""
+    block = next((i for i, prefix in enumerate(prefixes) if path.startswith(f"{prefix}.")), None)
+    if block is not None:
+        return block
+    if prefixes and path.split(".")[0] in ("norm", "fc_norm", "head", "head_dist", "head_drop"):
         return "norm"
     return "full"
 
