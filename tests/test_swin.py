@@ -168,3 +168,35 @@ def test_models_are_accepted_by_structure_and_refused_naming_the_module():
     with pytest.raises(UnsupportedModelError, match=r"'layers\.0\.blocks\.0' is a TalkingBlock, a subclass of timm's SwinTransformerBlock"):
         QVit(model, load_recipe("fqvit_w8a8_att8"))
     assert type(model.layers[0].blocks[1]) is SwinTransformerBlock  # refused before anything was converted
+
+
+def test_fisher_blocks_plots_and_report_of_a_swin_profile(tmp_path):
+    import json
+
+    from utils.analysis import block_table, load_run
+    from utils.html_report import write_report
+    from utils.plots import write_plots
+    from utils.profiler import run_profile
+    from utils.sensitivity import block_sensitivity, fisher_sensitivity
+
+    qvit = calibrated_swin("fqvit_w8a8_att4")
+    x = images(4, seed=21)
+    result = run_profile(qvit, [(x, None, 0)], isolated=True)
+    table = fisher_sensitivity(qvit, [(x, torch.arange(4), 0)])
+    groups = block_sensitivity(table)
+    assert list(groups["group"]) == ["embed", "stage 0 block 0", "stage 0 block 1", "stage 1 PatchMerging", "stage 1 block 0", "stage 1 block 1", "head"]
+    assert groups["fisher_sum"].sum() == pytest.approx(table["fisher"].sum())
+    # A run folder as test_qvit.py writes it, then result_analyze.py's plots and report.
+    result.table.to_csv(tmp_path / "qvit_statistics.csv", index=False)
+    (tmp_path / "qvit_summary.json").write_text(json.dumps({"model": "tiny_swin", "config": {"name": "fqvit_w8a8_att4"}, "profile": result.totals}))
+    run = load_run(tmp_path)
+    run.sensitivity = table.merge(run.stats[["name", "qsnr_db"]], on="name")
+    stats = run.stats.set_index("name")
+    assert stats.loc["layers.1.downsample.reduction.input", "layer_type"] == "reduction.input"
+    assert stats.loc["layers.1.blocks.0.attn.qkv.input", "block"] == 3  # the sequence: 2 blocks, PatchMerging, ...
+    assert list(block_table(run).index) == [0, 1, 2, 3, 4]
+    (tmp_path / "plots").mkdir()
+    plots, fit = write_plots(run, tmp_path / "plots")
+    assert len(plots) == 8 and all(p.stat().st_size > 10_000 for p in plots)
+    write_report(run, plots, fit, tmp_path / "report.html")
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64") == len(plots)

@@ -17,6 +17,7 @@ S_p = 0 for a point whose output does not reach the loss (its gradient is zero) 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -104,11 +105,21 @@ def fisher_sensitivity(qvit: QVit, batches: Iterable[Batch], device: torch.devic
     return table
 
 
+def _block_group(name: str) -> str:
+    """A point's block: ``block 3`` (ViT), ``stage 1 block 0`` / ``stage 1 PatchMerging`` (Swin), else embed or head."""
+    if match := re.match(r"blocks\.(\d+)\.", name):
+        return f"block {match.group(1)}"
+    if match := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name):
+        return f"stage {match.group(1)} block {match.group(2)}"
+    if match := re.match(r"layers\.(\d+)\.downsample\.", name):
+        return f"stage {match.group(1)} PatchMerging"
+    return "embed" if name.startswith(("patch_embed", "cls_token", "pos_embed")) else "head"
+
+
 def block_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
-    """Fisher scores summed per transformer block (``embed`` and ``head`` for the points outside)."""
-    block = table["name"].str.extract(r"^blocks\.(\d+)\.")[0]
-    group = block.map(lambda b: f"block {int(b)}", na_action="ignore")
-    group = group.fillna(table["name"].map(lambda n: "embed" if n.startswith(("patch_embed", "cls_token", "pos_embed")) else "head"))
+    """Fisher scores summed per transformer block (a Swin's per stage and block; ``embed`` and ``head``
+    for the points outside), in model order."""
+    group = table["name"].map(_block_group)
     order = {g: i for i, g in enumerate(dict.fromkeys(group))}
     result = table.assign(group=group).groupby("group", sort=False)["fisher"].agg(["sum", "max", "count"])
     result = result.rename(columns={"sum": "fisher_sum", "max": "fisher_max", "count": "points"})
