@@ -11,6 +11,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from conftest import SWIN_SIZE, make_tiny_swin, tiny_images
+from test_cli import data  # noqa: F401 (module fixture: an ImageNet-layout folder)
 from models.ptq.int_ops import IEXP_MAX_ABS_ERROR
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.quant_vit import QVit, UnsupportedModelError
@@ -200,3 +201,26 @@ def test_fisher_blocks_plots_and_report_of_a_swin_profile(tmp_path):
     assert len(plots) == 8 and all(p.stat().st_size > 10_000 for p in plots)
     write_report(run, plots, fit, tmp_path / "report.html")
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64") == len(plots)
+
+
+@pytest.mark.parametrize("model,message", [
+    ("vit_base_r50_s16_224", r"^error: vit_base_r50_s16_224: 'patch_embed\.backbone\.stem\.conv' is a StdConv2dSame, a subclass of timm's Conv2d"),
+    ("vit_so400m_patch14_siglip_224", r"^error: vit_so400m_patch14_siglip_224: module 'attn_pool' \(AttentionPoolLatent\) has weights but no quantized counterpart"),
+    ("swinv2_tiny_window8_256", r"'layers\.0\.blocks\.0\.attn' \(WindowAttention\) has weights but no quantized counterpart"),
+], ids=["hybrid-cnn-stem", "pooled-attention", "swin-v2"])  # fmt: skip
+def test_cli_refuses_an_unsupported_model_naming_its_module(data, tmp_path, model, message):
+    from test_cli import assert_user_error, run_cli
+
+    log = tmp_path / "log"
+    result = run_cli("--model", model, "--data", data, "--log-dir", log, timeout=120)
+    assert_user_error(result, log, message)
+
+
+def test_list_models_prints_the_accepted_names_and_refuses_an_empty_match():
+    from test_cli import run_cli
+
+    result = run_cli("--list-models", "swin_tiny*,swinv2_tiny*,deit3_small_patch16_224", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["deit3_small_patch16_224", "swin_tiny_patch4_window7_224"]
+    refused = run_cli("--list-models", "resnet50", timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: --list-models 'resnet50': no timm model matching it is one QVit can quantize"
