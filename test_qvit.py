@@ -333,6 +333,9 @@ def evaluate_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, d
         raise UserError(f"{job.val_dir}: no readable evaluation image")
     if ev.unreadable:
         print(f"note: skipped {ev.unreadable} unreadable evaluation image(s)")
+    for model, count in (("FP32", ev.non_finite_fp32), ("INT8", ev.non_finite_int8)):
+        if count:
+            print(f"warning: {count} of {ev.samples} images got NaN or infinite {model} logits; scored as wrong (no class, cosine 0)", file=sys.stderr)
     return ev
 
 
@@ -368,7 +371,8 @@ def run_summary(args: argparse.Namespace, job: Job, qvit, model_facts: dict, cal
             "unreadable": calibration.unreadable,
             "loaded_from": str(args.load_calibrated) if job.record is not None else None,
         },
-        "evaluation": {"split": str(job.val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist())))},
+        "evaluation": {"split": str(job.val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist()))),
+                       "non_finite_logits": {"fp32": ev.non_finite_fp32, "int8": ev.non_finite_int8}},
         "fp32": ev.fp32.to_dict(),
         "int8": ev.int8.to_dict(),
         "scale_search_ratios": qvit.searched_ratios,

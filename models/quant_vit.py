@@ -57,9 +57,14 @@ from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import ConfigError, QuantRecipe
 
-__all__ = ["QVit", "UnsupportedModelError", "check_supported"]
+__all__ = ["QVit", "UnsupportedModelError", "check_supported", "point_name"]
 
 log = logging.getLogger(__name__)
+
+
+def point_name(quantizer_path: str) -> str:
+    """``blocks.3.attn.qkv.input_quant`` -> ``blocks.3.attn.qkv.input`` (the point's name in every report)."""
+    return quantizer_path.removesuffix("_quant")
 
 
 class UnsupportedModelError(ValueError):
@@ -84,6 +89,7 @@ class QVit(nn.Module):
         self.reparam_factors: ReparamFactors = {}  # folded into the weights; saved with the calibrated state
         self._ranges_fixed = False  # observing_ranges() ran: the next calibrating() keeps its histogram bins
         self.searched_ratios: dict[str, float] = {}  # scale ratios chosen by searching_scales()
+        self._reparam_observers: dict = {}  # LayerNorm path -> its output's observer, during reparameterizing()
         self._convert()
         self._apply_layer_specs()
         for name, quantizer in self.model.named_modules():
@@ -154,7 +160,11 @@ class QVit(nn.Module):
         if self.reparam_factors:
             raise RuntimeError("the model is already reparameterized")
         with self._mode(QuantMode.FP32), observe_layernorm_outputs(self.model) as observers:
-            yield self
+            self._reparam_observers = observers  # their running ranges take part in the non-finite check
+            try:
+                yield self
+            finally:
+                self._reparam_observers = {}
         if not all(observer.has_data for observer in observers.values()):
             raise RuntimeError("reparameterizing() saw no images")
         for observer in observers.values():
@@ -298,6 +308,34 @@ class QVit(nn.Module):
         return self.state.mode
 
     # -- introspection ---------------------------------------------------------------------------------
+    def non_finite_flag(self) -> Tensor:
+        """A 0-dim bool tensor on the model's device, True when some point's running minimum or maximum is
+        NaN or infinite: a check of what the observers keep anyway, with no host synchronisation."""
+        observers = [*self.quantizers().values(), *self._reparam_observers.values()]
+        extremes = [t.reshape(-1) for q in observers for t in q.running_extremes()]
+        if not extremes:
+            return torch.zeros((), dtype=torch.bool)
+        return ~torch.cat(extremes).isfinite().all()
+
+    def first_non_finite_point(self) -> str | None:
+        """The first point, in model order, whose running minimum or maximum is NaN or infinite (during
+        the reparameterization pass: the LayerNorm output it observes, ``blocks.0.norm1.output``)."""
+        for name, observer in self._reparam_observers.items():
+            if any(not bool(t.isfinite().all()) for t in observer.running_extremes()):
+                return f"{name}.output"
+        for name, q in self.quantizers().items():
+            if any(not bool(t.isfinite().all()) for t in q.running_extremes()):
+                return point_name(name)
+        return None
+
+    def first_non_finite_weight(self) -> str | None:
+        """The first quantized layer (in model order) whose weight holds NaN or infinite values."""
+        for name, module in self.model.named_modules():
+            q = getattr(module, "weight_quant", None)
+            if isinstance(q, TensorQuantizer) and q.spec is not None and not bool(module.weight.isfinite().all()):
+                return f"{name}.weight"
+        return None
+
     def block_sequence(self) -> list[tuple[str, nn.Module]]:
         """The modules between the embedding and the final norm, in the order the model runs them, with
         their paths: a ViT's ``blocks.i``; a Swin's ``layers.s.downsample`` (PatchMerging) and

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,38 @@ def test_atomic_path_is_complete_or_absent(tmp_path, kind):
         write(tmp)
     assert [p.name for p in target.parent.iterdir()] == [target.name]
     assert (target.read_bytes() if kind == "file" else (target / "a.png").read_bytes()) == b"png"
+
+
+def test_stale_partial_folders_of_dead_owners_are_removed_by_the_next_run(tmp_path, caplog):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from utils.run_dir import OWNER_FILE
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+
+    def partial(name: str, owner: dict | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "qvit_results.txt").write_text("half-written")
+        if owner is not None:
+            (folder / OWNER_FILE).write_text(json.dumps(owner))
+        return folder
+
+    stale = partial(".partial-killed", {"pid": int(dead.stdout), "host": host, "started": "2026-11-28T10:00:00+0000"})
+    live = partial(".partial-running", {"pid": os.getpid(), "host": host, "started": "now"})
+    elsewhere = partial(".partial-other-host", {"pid": int(dead.stdout), "host": host + "-elsewhere"})
+    unknown = partial(".partial-no-owner", None)
+    finished = tmp_path / "20261128-100000"
+    finished.mkdir()
+    with caplog.at_level("WARNING", logger="utils.run_dir"), RunDir(tmp_path) as run:
+        assert json.loads((run.path / OWNER_FILE).read_text())["pid"] == os.getpid()
+        (run.path / "a.txt").write_text("x")
+    assert not stale.exists() and live.exists() and elsewhere.exists() and unknown.exists() and finished.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed {stale}, left by process {int(dead.stdout)} (started 2026-11-28T10:00:00+0000), which ended without cleaning up"
+    ]
+    assert sorted(p.name for p in run.final.iterdir()) == ["a.txt"]  # a finished run carries no owner file

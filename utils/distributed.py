@@ -124,4 +124,6 @@ def gather_eval(result, where: Dist):
         seconds_fp32=max(p.seconds_fp32 for p in present),
         seconds_int8=max(p.seconds_int8 for p in present),
         seconds_wall=max(p.seconds_wall for p in present),
+        non_finite_fp32=sum(p.non_finite_fp32 for p in present),
+        non_finite_int8=sum(p.non_finite_int8 for p in present),
     )

@@ -107,9 +107,15 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
         passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
     if qvit.recipe.bias_correction is not None:
         passes.append(("correct biases", qvit.correcting_biases, math.ceil(qvit.recipe.bias_correction.images / world)))
+    weight = qvit.first_non_finite_weight()
+    if weight is not None:
+        raise UserError(f"{weight} holds NaN or infinite values; calibration needs finite weights (check the checkpoint)")
     calibrated_images = calibrated_unreadable = 0
     for name, context, limit in passes:
-        images = unreadable = 0
+        images = unreadable = batch_index = 0
+        # The first batch after which some observer's running min/max is not finite, kept on the device
+        # (-1: none), so the check costs no host synchronisation per batch; read once per pass.
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         with context(), _progress(batches, name, progress) as bar:
             for x, _, bad in batches:
                 if images >= limit:
@@ -118,11 +124,17 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
                 bar.update(bad)
                 if x is None:
                     continue
+                batch_index += 1
                 qvit(x.to(device, non_blocking=True))
+                flag = qvit.non_finite_flag().to(device)
+                first_bad = torch.where(flag & (first_bad < 0), torch.full_like(first_bad, batch_index), first_bad)
                 images += len(x)
                 bar.update(len(x))
             if images == 0:  # leaves the context with an error, so nothing is folded, fixed or finalized
                 raise UserError(f"no readable calibration image ({unreadable} unreadable)")
+            if int(first_bad) >= 0:
+                raise UserError(f"{qvit.first_non_finite_point()} saw NaN or infinite values in calibration batch {int(first_bad)} "
+                                f"({name} pass); calibration needs finite activations")  # fmt: skip
         if name == "calibrate":
             calibrated_images, calibrated_unreadable = images, unreadable
     uncalibrated = [name for name, q in qvit.quantizers().items() if not q.is_calibrated]
@@ -140,6 +152,9 @@ class EvalResult:
     seconds_fp32: float
     seconds_int8: float
     seconds_wall: float  # the whole loop: loading, both models and the bookkeeping
+    # Images whose FP32 / quantized logits hold NaN or infinity: scored as wrong (no class, cosine 0), counted here.
+    non_finite_fp32: int = 0
+    non_finite_int8: int = 0
     fp32: ClassificationMetrics = field(init=False)
     int8: ClassificationMetrics = field(init=False)
 
@@ -170,6 +185,7 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
     """
     labels, fp32_top5, int8_top5 = [], [], []
     cosine_sum = torch.zeros((), dtype=torch.float64, device=device)
+    non_finite = torch.zeros(2, dtype=torch.int64, device=device)  # FP32, INT8 images; on the device: no sync per batch
     unreadable = 0
     timer = _Timer(device)
     start = time.perf_counter()
@@ -185,9 +201,13 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
             with timer("int8"):
                 logits_int8 = qvit(x)
             k = min(5, logits_fp32.shape[1])
-            fp32_top5.append(logits_fp32.topk(k, dim=1).indices)
-            int8_top5.append(logits_int8.topk(k, dim=1).indices)
-            cosine_sum += F.cosine_similarity(logits_fp32, logits_int8.float(), dim=1).sum(dtype=torch.float64)
+            finite_fp32, finite_int8 = logits_fp32.isfinite().all(dim=1), logits_int8.isfinite().all(dim=1)
+            non_finite += torch.stack([(~finite_fp32).sum(), (~finite_int8).sum()])
+            # A non-finite row predicts no class (-1: wrong for every label) and has cosine 0.
+            fp32_top5.append(logits_fp32.topk(k, dim=1).indices.masked_fill_(~finite_fp32[:, None], -1))
+            int8_top5.append(logits_int8.topk(k, dim=1).indices.masked_fill_(~finite_int8[:, None], -1))
+            cosine = F.cosine_similarity(logits_fp32, logits_int8.float(), dim=1).masked_fill_(~(finite_fp32 & finite_int8), 0.0)
+            cosine_sum += cosine.sum(dtype=torch.float64)
             labels.append(y)
             bar.update(len(x))
     if not labels:
@@ -203,4 +223,6 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
         seconds_fp32=timer.seconds("fp32"),
         seconds_int8=timer.seconds("int8"),
         seconds_wall=wall,
+        non_finite_fp32=int(non_finite[0]),
+        non_finite_int8=int(non_finite[1]),
     )

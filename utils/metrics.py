@@ -28,7 +28,8 @@ class ClassificationMetrics:
 
 
 def classification_metrics(labels: np.ndarray, topk: np.ndarray) -> ClassificationMetrics:
-    """``labels`` (N,) true classes, ``topk`` (N, k>=1) predicted classes, best first."""
+    """``labels`` (N,) true classes, ``topk`` (N, k>=1) predicted classes, best first; a prediction of -1
+    (no class: non-finite logits) is wrong for every label and counts towards no class's precision."""
     labels = np.asarray(labels, dtype=np.int64)
     topk = np.asarray(topk, dtype=np.int64).reshape(len(labels), -1)
     n = len(labels)
@@ -40,7 +41,7 @@ def classification_metrics(labels: np.ndarray, topk: np.ndarray) -> Classificati
     classes = np.unique(labels)
     size = int(max(labels.max(), pred.max())) + 1
     tp = np.bincount(labels[pred == labels], minlength=size)[classes].astype(np.float64)
-    predicted = np.bincount(pred, minlength=size)[classes].astype(np.float64)
+    predicted = np.bincount(pred[pred >= 0], minlength=size)[classes].astype(np.float64)
     actual = np.bincount(labels, minlength=size)[classes].astype(np.float64)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = tp / actual

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.ptq.tensor_quantizer import TensorQuantizer
-from models.quant_vit import QVit
+from models.quant_vit import QVit, point_name
 from utils.data import Batch
 
 __all__ = ["COLUMNS", "HistogramBins", "NoImagesError", "ProfileResult", "kl_divergence", "point_name", "profile", "run_profile"]
@@ -76,11 +76,6 @@ COLUMNS = (
 
 _HIST_TARGET_BINS = 512
 _HIST_MAX_BINS = 4096
-
-
-def point_name(quantizer_path: str) -> str:
-    """``blocks.3.attn.qkv.input_quant`` -> ``blocks.3.attn.qkv.input``."""
-    return quantizer_path.removesuffix("_quant")
 
 
 @dataclass(frozen=True)

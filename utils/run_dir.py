@@ -2,13 +2,19 @@
 
 A run that fails or is interrupted leaves nothing behind, and an earlier run folder is never touched:
 the final name is ``<log_dir>/<YYYYmmdd-HHMMSS>`` with ``-2``, ``-3``, ... appended if it exists.
+A partial folder records its owner (pid, host, start time) in ``.owner.json``; a run that could not
+clean up (SIGKILL, power loss) leaves it behind, and the next run in the same log dir removes it once
+that process is gone from this host, saying so in one line. A finished run has no owner file and is
+never touched.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
+import socket
 import shutil
 import tempfile
 import time
@@ -16,7 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "atomic_path", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunDir", "atomic_path", "remove_stale_partials", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = ".owner.json"
 
 
 @contextlib.contextmanager
@@ -67,13 +77,21 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         self.stamp = time.strftime("%Y%m%d-%H%M%S")  # when the run started
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.log_dir)
         self.path = Path(tempfile.mkdtemp(dir=self.log_dir, prefix=".partial-"))
+        try:
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_json_atomic(self.path / OWNER_FILE, owner)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
+        (self.path / OWNER_FILE).unlink(missing_ok=True)  # a finished run has no owner to outlive
         for n in range(1, 1000):
             final = self.log_dir / (self.stamp if n == 1 else f"{self.stamp}-{n}")
             try:
@@ -88,3 +106,32 @@ class RunDir:
             return
         shutil.rmtree(self.path, ignore_errors=True)
         raise RuntimeError(f"no free run folder name under {self.log_dir}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def remove_stale_partials(log_dir: Path) -> list[Path]:
+    """Remove the partial run folders under ``log_dir`` whose owner process is gone from this host (one
+    log line each); folders of live owners, of other hosts, or without an owner file stay. Returns the
+    removed folders."""
+    removed = []
+    for folder in sorted(Path(log_dir).glob(".partial-*")):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            pid, host, started = int(owner["pid"]), str(owner["host"]), str(owner.get("started", "?"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s, left by process %d (started %s), which ended without cleaning up", folder, pid, started)
+        removed.append(folder)
+    return removed

@@ -88,6 +88,12 @@ class StreamingHistogram:
         else:
             self._seen = [lo, hi]
 
+    def running_extremes(self) -> list[Tensor]:
+        """The range recorded so far: the first pass's, or the growing range of a histogram without one."""
+        if self._seen:
+            return list(self._seen)
+        return [self.lo, self.hi] if self.lo is not None and not self.fixed else []
+
     def fix_range(self) -> None:
         """Fix the bins to the first pass's range, all-reduced over the processes; counts start at zero."""
         if not self._seen:

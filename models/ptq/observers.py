@@ -80,6 +80,10 @@ class Observer:
         """Clipping range (lo, hi): 0-dim per tensor, shape (C,) per channel."""
         raise NotImplementedError
 
+    def running_extremes(self) -> list[Tensor]:
+        """The running minima and maxima kept so far (NaN or infinity in the data shows up in them)."""
+        return []
+
     def compute_qparams(self) -> tuple[Tensor, Tensor]:
         lo, hi = self.compute_range()
         return self.method.qparams(lo, hi, self.bit_type)
@@ -89,6 +93,20 @@ class MinMaxObserver(Observer):
     def reset(self) -> None:
         self.min_val: Tensor | None = None
         self.max_val: Tensor | None = None
+        self._seen: list[Tensor] = []  # the range pass's min/max: only for the non-finite check
+
+    def observe_range(self, x: Tensor) -> None:
+        # Min/max need no first pass; keeping it anyway lets a NaN or infinity be named where it first
+        # appears in that pass, before a histogram point downstream counts it.
+        lo, hi = column_aminmax(channel_view(x.detach(), self.channel_axis))
+        if self._seen:
+            torch.minimum(self._seen[0], lo, out=self._seen[0])
+            torch.maximum(self._seen[1], hi, out=self._seen[1])
+        else:
+            self._seen = [lo.float(), hi.float()]
+
+    def fix_range(self) -> None:
+        self._seen = []
 
     @property
     def has_data(self) -> bool:
@@ -105,6 +123,9 @@ class MinMaxObserver(Observer):
     def synchronize(self) -> None:
         all_reduce_(self.min_val, "min")
         all_reduce_(self.max_val, "max")
+
+    def running_extremes(self) -> list[Tensor]:
+        return self._seen + ([] if self.min_val is None else [self.min_val, self.max_val])
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         if self.min_val is None:
@@ -137,6 +158,9 @@ class HistogramObserver(Observer):
 
     def synchronize(self) -> None:
         self.hist.synchronize()
+
+    def running_extremes(self) -> list[Tensor]:
+        return self.hist.running_extremes()
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         if not self.has_data:

@@ -59,6 +59,9 @@ class PowerOfTwoFactor:
         if not self._shares_histogram:
             self._hist.fix_range()
 
+    def running_extremes(self) -> list[Tensor]:
+        return [] if self._shares_histogram else self._hist.running_extremes()
+
     def synchronize(self) -> None:
         if not self._shares_histogram:
             self._hist.synchronize()

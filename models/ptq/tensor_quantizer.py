@@ -150,6 +150,10 @@ class TensorQuantizer(nn.Module):
         """The observer and, with PTF, the factor search: what collects calibration statistics."""
         return [s for s in (self.observer, self.ptf) if s is not None]
 
+    def running_extremes(self) -> list[Tensor]:
+        """The running minima and maxima its statistics hold (non-finite data shows up in them)."""
+        return [t for stats in self._statistics() for t in stats.running_extremes()]
+
     @property
     def needs_range(self) -> bool:
         """Whether this point keeps a histogram, made exact by a first range pass (QVit.observing_ranges)."""
