@@ -108,3 +108,32 @@ def test_shards_are_whole_batches_dealt_round_robin():
     assert sorted(shard_batches(items, 3, 0, 3) + shard_batches(items, 3, 1, 3) + shard_batches(items, 3, 2, 3)) == items
     with pytest.raises(UserError, match="10 images make 2 batch\\(es\\) of 5, fewer than the 3 processes"):
         shard_batches(items, 5, 0, 3)
+
+
+def failing_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank 1's share of the images is unreadable: every process must stop with the same message."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        qvit = QVit(make_tiny_vit(), load_recipe("fqvit_w8a8_att8"))
+        own = batches(32) if rank == 0 else [(None, None, 6)] * BATCHES
+        try:
+            calibrate(qvit, own, torch.device("cpu"), progress=False)
+            outcome = "calibrated"
+        except UserError as exc:
+            outcome = f"error: {exc}"
+        with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_user_error_in_one_process_stops_every_process_at_once(tmp_path):
+    import time
+
+    start = time.monotonic()
+    mp.spawn(failing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert time.monotonic() - start < 60  # seconds, not the process group's 30-minute timeout
+    message = "error: process 1: no readable calibration image (24 unreadable)"
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [message, message]

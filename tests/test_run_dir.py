@@ -94,3 +94,29 @@ def test_stale_partial_folders_of_dead_owners_are_removed_by_the_next_run(tmp_pa
         f"removed {stale}, left by process {int(dead.stdout)} (started 2026-11-28T10:00:00+0000), which ended without cleaning up"
     ]
     assert sorted(p.name for p in run.final.iterdir()) == ["a.txt"]  # a finished run carries no owner file
+
+
+def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing(tmp_path):
+    import errno
+
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"writing the run folder failed \(No space left on device\); nothing was kept$"):
+        with RunDir(tmp_path) as run:
+            write_json_atomic(run.path / "qvit_summary.json", {"ok": 1})
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.path / "qvit_statistics.csv"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):  # a program error stays what it is (and still leaves nothing)
+        with RunDir(tmp_path):
+            raise ValueError("a bug")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_dir_that_cannot_be_created_is_one_line(tmp_path):
+    from utils.errors import UserError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=r"file/log: cannot create a run folder there \(Not a directory\)$"):
+        with RunDir(blocker / "log"):
+            pass

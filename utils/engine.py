@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.ptq.collectives import is_distributed
+from models.ptq.collectives import first_error_everywhere, is_distributed
 from models.quant_vit import QVit
 from utils.data import Batch
 from utils.errors import UserError
@@ -130,11 +130,16 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
                 first_bad = torch.where(flag & (first_bad < 0), torch.full_like(first_bad, batch_index), first_bad)
                 images += len(x)
                 bar.update(len(x))
-            if images == 0:  # leaves the context with an error, so nothing is folded, fixed or finalized
-                raise UserError(f"no readable calibration image ({unreadable} unreadable)")
-            if int(first_bad) >= 0:
-                raise UserError(f"{qvit.first_non_finite_point()} saw NaN or infinite values in calibration batch {int(first_bad)} "
-                                f"({name} pass); calibration needs finite activations")  # fmt: skip
+            error = None
+            if images == 0:
+                error = f"no readable calibration image ({unreadable} unreadable)"
+            elif int(first_bad) >= 0:
+                error = (f"{qvit.first_non_finite_point()} saw NaN or infinite values in calibration batch {int(first_bad)} "
+                         f"({name} pass); calibration needs finite activations")  # fmt: skip
+            # Under torchrun, a failure in one process stops all of them now, with the same message.
+            error = first_error_everywhere(error)
+            if error is not None:  # leaves the context with an error, so nothing is folded, fixed or finalized
+                raise UserError(error)
         if name == "calibrate":
             calibrated_images, calibrated_unreadable = images, unreadable
     uncalibrated = [name for name, q in qvit.quantizers().items() if not q.is_calibrated]

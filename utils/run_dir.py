@@ -10,6 +10,7 @@ never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,11 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from utils.errors import UserError
+
 __all__ = ["RunDir", "atomic_path", "remove_stale_partials", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 log = logging.getLogger(__name__)
 
 OWNER_FILE = ".owner.json"
+# What a full or unwritable file system raises while a run writes (the run's own bugs stay tracebacks).
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -76,9 +81,12 @@ class RunDir:
 
     def __enter__(self) -> "RunDir":
         self.stamp = time.strftime("%Y%m%d-%H%M%S")  # when the run started
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(self.log_dir)
-        self.path = Path(tempfile.mkdtemp(dir=self.log_dir, prefix=".partial-"))
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.log_dir)
+            self.path = Path(tempfile.mkdtemp(dir=self.log_dir, prefix=".partial-"))
+        except OSError as exc:
+            raise UserError(f"{self.log_dir}: cannot create a run folder there ({exc.strerror or exc})") from None
         try:
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json_atomic(self.path / OWNER_FILE, owner)
@@ -90,6 +98,8 @@ class RunDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:  # disk full, quota, read-only: one line
+                raise UserError(f"{self.log_dir}: writing the run folder failed ({exc.strerror}); nothing was kept") from None
             return
         (self.path / OWNER_FILE).unlink(missing_ok=True)  # a finished run has no owner to outlive
         for n in range(1, 1000):

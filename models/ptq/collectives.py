@@ -2,14 +2,16 @@
 
 Observers, GPTQ, the scale search and bias correction sum or bound their statistics across processes
 with :func:`all_reduce_`, so that every process ends with what one process would compute on all the
-batches (see :mod:`models.ptq.observers`).
+batches (see :mod:`models.ptq.observers`). :func:`first_error_everywhere` lets a step that failed in
+one process (no readable image in its share) fail in every process at once, with one message, instead
+of leaving the others waiting in the next collective until the process group times out.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_reduce_", "is_distributed"]
+__all__ = ["all_reduce_", "first_error_everywhere", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -23,3 +25,14 @@ def all_reduce_(t: Tensor, op: str) -> Tensor:
         torch.distributed.all_reduce(t, op={"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX,
                                             "sum": torch.distributed.ReduceOp.SUM}[op])  # fmt: skip
     return t
+
+
+def first_error_everywhere(message: str | None) -> str | None:
+    """This step's error as every process sees it: the first failing process's message (prefixed with its
+    rank) in every process, None when none failed. One process: ``message`` itself. Every process must
+    call it at the same step."""
+    if not is_distributed():
+        return message
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, message)
+    return next((f"process {rank}: {m}" for rank, m in enumerate(parts) if m is not None), None)
