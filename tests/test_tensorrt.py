@@ -262,3 +262,46 @@ def test_convert_builds_the_engines_end_to_end(calibrated_run, tmp_path):  # noq
     assert trt["engines"]["int8"]["inspection"]["precisions"].get("INT8", 0) > 0
     assert [row["batch"] for row in trt["benchmark"]] == [1, 4] and all(row["int8_ms"] > 0 and row["fp16_ms"] > 0 for row in trt["benchmark"])
     assert "INT8 engine layers:" in result.stdout and "attention fused:" in result.stdout
+
+
+# -- Swin (v1): what TensorRT is given -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swin_exported(tmp_path_factory):
+    """A tiny trt_int8-calibrated two-stage Swin and its simplified FP32 and Q/DQ INT8 ONNX exports."""
+    from conftest import SWIN_SIZE, make_tiny_swin
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    folder = tmp_path_factory.mktemp("trt_swin")
+    qvit = calibrated("trt_int8", model=make_tiny_swin(), size=SWIN_SIZE)
+    for name, quantized in (("fp32", False), ("int8", True)):
+        export_onnx(qvit, folder / f"{name}.raw.onnx", (SWIN_SIZE, SWIN_SIZE), quantized=quantized)
+        simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx")
+    return qvit, folder
+
+
+def test_swin_is_deployable_to_tensorrt_with_every_matmul_quantized(swin_exported):
+    qvit, folder = swin_exported
+    check_deployable(export_plan(qvit), "trt_int8")  # nothing mapped or left float
+    quantized, attention = compute_nodes(onnx.load(str(folder / "int8.onnx")))
+    # Per block qkv, q@k^T, attention@v, proj, fc1, fc2 (4 blocks); PatchMerging's reduction; patch embedding; head.
+    assert len(quantized) == 6 * 4 + 1 + 1 + 1
+    assert len(attention) == 2 * 4 and set(attention) <= set(quantized)
+
+
+@pytest.mark.slow
+def test_swin_int8_engine_agrees_with_the_fake_quant_model(swin_exported):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    from conftest import SWIN_SIZE
+    from utils.tensorrt_engine import EngineRunner, build_engine
+
+    qvit, folder = swin_exported
+    build_engine(folder / "int8.onnx", folder / "int8.engine", "int8", 16, (SWIN_SIZE, SWIN_SIZE))
+    engine = EngineRunner(folder / "int8.engine")
+    x = torch.cat([tiny_images(16, seed=220 + i, size=SWIN_SIZE) for i in range(2)])
+    with torch.no_grad(), qdq_hooks(qvit, export_plan(qvit)):
+        fake_quant = qvit(x)
+    assert (engine(x).float().cpu().argmax(1) == fake_quant.argmax(1)).float().mean() >= 0.95
