@@ -235,7 +235,8 @@ class QuantBlock(Block):
     norm2: QuantLayerNorm
 
     @classmethod
-    def convert(cls, module: Block) -> "QuantBlock":
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Give ``module`` this class's forward, in place (a block has no quantizers of its own)."""
         module.__class__ = cls
         return module
 

@@ -63,21 +63,18 @@ def _layernorm(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.
     return QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
 
 
-@register(Attention)
-def _attention(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
-    return QuantAttention.convert(module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax)
+def _attention(quant_cls: type) -> Converter:
+    """An attention's converter: its operands and softmax get the activation and attention-map specs."""
+    return lambda module, state, recipe: quant_cls.convert(module, state, activation=recipe.activation, attention=recipe.attention,
+                                                           integer_softmax=recipe.integer_softmax)  # fmt: skip
 
 
-@register(Block)
-def _block(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
-    return QuantBlock.convert(module)
+def _block(quant_cls: type) -> Converter:
+    """A block's converter: a new forward only (its LayerNorms' quantizers come with their own entry)."""
+    return lambda module, state, recipe: quant_cls.convert(module)
 
 
-@register(WindowAttention)
-def _window_attention(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
-    return QuantWindowAttention.convert(module, state, activation=recipe.activation, attention=recipe.attention, integer_softmax=recipe.integer_softmax)
-
-
-@register(SwinTransformerBlock)
-def _swin_block(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
-    return QuantSwinBlock.convert(module)
+register(Attention)(_attention(QuantAttention))
+register(WindowAttention)(_attention(QuantWindowAttention))
+register(Block)(_block(QuantBlock))
+register(SwinTransformerBlock)(_block(QuantSwinBlock))
