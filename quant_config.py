@@ -13,6 +13,8 @@ A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparamet
 outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
 ``gptq`` (optional) rounds every Linear and patch-embedding weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
+``reconstruction`` (optional) learns each weight's rounding block by block from the block's output
+error (:mod:`models.ptq.reconstruction`, BRECQ / QDrop);
 ``bias_correction`` (optional) moves the mean output shift of every quantized Linear into its bias
 (:mod:`models.ptq.bias_correction`);
 ``layers`` (optional) makes per-point exceptions to the kinds - a different observer, quantizer or bit
@@ -40,6 +42,7 @@ __all__ = [
     "ScaleSearchSpec",
     "GPTQSpec",
     "BiasCorrectionSpec",
+    "ReconstructionSpec",
     "DEFAULT_RECIPE",
     "CONFIG_DIR",
     "available_recipes",
@@ -243,6 +246,29 @@ class BiasCorrectionSpec:
 
 
 @dataclass(frozen=True)
+class ReconstructionSpec:
+    """Block reconstruction after calibration (models/ptq/reconstruction.py): every quantized weight of a
+    block learns to round up or down (AdaRound's rectified sigmoid) so that the block's output on the
+    first ``images`` calibration images matches the FP32 block's; ``iters`` Adam steps of ``lr`` on
+    ``batch`` images each, rounding regularizer ``reg``; the block's input is the quantized model's or,
+    with probability ``drop`` per element, the FP32 one (QDrop)."""
+
+    images: int = 256
+    iters: int = 500
+    batch: int = 32
+    lr: float = 1e-3
+    reg: float = 0.01
+    drop: float = 0.5
+
+    def validate(self, where: str) -> None:
+        for key, lo, hi in (("images", 1, 10**6), ("iters", 1, 10**6), ("batch", 1, 4096)):
+            _check_int(f"{where}.{key}", getattr(self, key), lo, hi)
+        _check_number(f"{where}.lr", self.lr, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+        _check_number(f"{where}.reg", self.reg, lambda v: v >= 0.0, "a number >= 0")
+        _check_number(f"{where}.drop", self.drop, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     """A whole quantization recipe; each layer is handed only the spec of its own tensor kind."""
 
@@ -258,6 +284,7 @@ class QuantRecipe:
     scale_search: ScaleSearchSpec | None = None
     gptq: GPTQSpec | None = None
     bias_correction: BiasCorrectionSpec | None = None
+    reconstruction: ReconstructionSpec | None = None
     # Per-point exceptions, in order: a glob over quantizer paths (``blocks.*.mlp.fc2.input_quant``) ->
     # spec fields replacing those of the point's kind (``{bit_type: {bits: 8}}``), or null for float.
     # Checked against the model when QVit applies them (every pattern must match a point).
@@ -285,6 +312,10 @@ class QuantRecipe:
             self.gptq.validate(f"{where}.gptq")
             if self.weight is None:
                 raise ConfigError(f"{where}: gptq rounds the quantized weights; the weight kind is null")
+        if self.reconstruction is not None:
+            self.reconstruction.validate(f"{where}.reconstruction")
+            if self.weight is None:
+                raise ConfigError(f"{where}: reconstruction learns the quantized weights' rounding; the weight kind is null")
         if self.bias_correction is not None:
             self.bias_correction.validate(f"{where}.bias_correction")
             if self.weight is None and self.activation is None:
@@ -388,7 +419,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> QuantRecipe:
     data = dict(data)
     kinds = {kind: _spec_from_dict(data.pop(kind, None), f"{where}.{kind}") for kind in KINDS}
     sections = {}
-    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec), ("gptq", GPTQSpec), ("bias_correction", BiasCorrectionSpec)):
+    for key, cls in (("reparam", ReparamSpec), ("scale_search", ScaleSearchSpec), ("gptq", GPTQSpec), ("bias_correction", BiasCorrectionSpec),
+                       ("reconstruction", ReconstructionSpec)):
         value = data.pop(key, None)
         sections[key] = None if value is None else _build_dataclass(cls, value, f"{where}.{key}")
     recipe = _build_dataclass(QuantRecipe, data, where)

@@ -52,6 +52,7 @@ from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
 from models.ptq.collectives import is_distributed
 from models.ptq.layers import QuantConv2d, QuantLinear
 from models.ptq.registry import QUANT_MODULES, convert_module
+from models.ptq.reconstruction import reconstruct_block
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
@@ -65,6 +66,24 @@ log = logging.getLogger(__name__)
 def point_name(quantizer_path: str) -> str:
     """``blocks.3.attn.qkv.input_quant`` -> ``blocks.3.attn.qkv.input`` (the point's name in every report)."""
     return quantizer_path.removesuffix("_quant")
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Within: the module's parameters take no gradient (only the learned rounding does)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class _ReachedFirstBlock(Exception):
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
 
 
 class UnsupportedModelError(ValueError):
@@ -272,6 +291,48 @@ class QVit(nn.Module):
         log.info("%s scale search: %d points, mean ratio %.3f", spec.metric, len(self.searched_ratios),
                  sum(self.searched_ratios.values()) / max(1, len(self.searched_ratios)))
 
+    @contextlib.contextmanager
+    def reconstructing(self) -> Iterator["QVit"]:
+        """After calibration (scale search, GPTQ): the images run through the model (FP32) are kept; on a
+        clean exit every block learns its weights' rounding from them, in order (:mod:`models.ptq.reconstruction`)."""
+        spec = self.recipe.reconstruction
+        if spec is None:
+            raise RuntimeError(f"recipe {self.recipe.name} has no reconstruction section")
+        if not self.is_calibrated:
+            raise RuntimeError("reconstructing() learns the rounding on calibrated grids: calibrate first")
+        if is_distributed():
+            raise RuntimeError("block reconstruction under torchrun is not supported yet: calibrate with it in one process")
+        if not self.block_sequence():
+            raise RuntimeError(f"{type(self.model).__name__} has no block sequence to reconstruct")
+        images: list[Tensor] = []
+        handle = self.model.register_forward_pre_hook(lambda module, args: images.append(args[0].detach()))
+        try:
+            with self._mode(QuantMode.FP32):
+                yield self
+        finally:
+            handle.remove()
+        self._reconstruct(images, spec)
+
+    def _reconstruct(self, images: list[Tensor], spec) -> None:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            with self.fp32():
+                x_fp = [self.first_block_input(x) for x in images]
+            x_q = [self.first_block_input(x) for x in images]
+        errors = {}
+        for name, block in self.block_sequence():
+            with torch.no_grad(), self.fp32():
+                targets = [block(x) for x in x_fp]
+            with _frozen(block):
+                errors[name] = reconstruct_block(block, x_fp, x_q, targets, spec, generator)
+            with torch.no_grad():
+                x_q = [block(x) for x in x_q]  # the next block learns on what this one now gives
+            x_fp = targets
+        gain = sum(e["before"] for e in errors.values()) / max(sum(e["after"] for e in errors.values()), 1e-30)
+        log.info("block reconstruction: %d blocks on %d images in %.1f s, block output error %.2fx lower",
+                 len(errors), sum(len(x) for x in images), time.perf_counter() - start, gain)
+
     def bias_layers(self) -> dict[str, QuantLinear | QuantConv2d]:
         """The layers the recipe's ``bias_correction`` corrects: every Linear and (ungrouped) convolution
         with a quantized input or weight."""
@@ -350,6 +411,22 @@ class QVit(nn.Module):
                 sequence.append((f"layers.{s}.downsample", stage.downsample))
             sequence.extend((f"layers.{s}.blocks.{b}", block) for b, block in enumerate(stage.blocks))
         return sequence
+
+    def first_block_input(self, images: Tensor) -> Tensor:
+        """The input of the first module of :meth:`block_sequence` for ``images``, in the current mode: the
+        model's own forward run up to there (embedding, tokens, position embedding) and stopped."""
+
+        def stop(module, args):
+            raise _ReachedFirstBlock(args[0])
+
+        handle = self.block_sequence()[0][1].register_forward_pre_hook(stop)
+        try:
+            self.model(images)
+        except _ReachedFirstBlock as reached:
+            return reached.tensor
+        finally:
+            handle.remove()
+        raise RuntimeError("the model never reached its first block")
 
     def quantizers(self, include_disabled: bool = True) -> dict[str, TensorQuantizer]:
         """Every quantization point with a spec, by module path (e.g. ``blocks.3.attn.softmax.output_quant``)."""

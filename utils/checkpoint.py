@@ -225,7 +225,10 @@ def load_calibrated(qvit: QVit, record: Mapping[str, Any], path: str | Path, wei
     state = record["quantizers"]
     gptq_keys = {f"model.{name}.weight_quant.rounded" for name in qvit.gptq_layers()}  # GPTQ's rounded weights
     bias_keys = {f"model.{name}.bias_correction" for name in qvit.bias_layers()}  # the recipe's bias corrections
-    if set(state) != _quantizer_keys(qvit) | gptq_keys | bias_keys:
+    required = _quantizer_keys(qvit) | gptq_keys | bias_keys
+    # Block reconstruction keeps its learned rounding only where it beat round-to-nearest: any weight's.
+    learned = {f"model.{name}.rounded" for name, q in qvit.quantizers().items() if q.is_weight} if qvit.recipe.reconstruction else set()
+    if not required <= set(state) <= required | learned:
         raise UserError(f"calibrated file {path} does not match the quantizers of {record['model']} under its recipe")
     qvit.load_state_dict(state, strict=False)
     if not qvit.is_calibrated:

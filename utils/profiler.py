@@ -262,11 +262,6 @@ class NoImagesError(ValueError):
     """The batches held no image to profile."""
 
 
-class _ReachedBlocks(Exception):
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
-
-
 class _Profiler:
     def __init__(self, qvit: QVit, isolated: bool, detail_samples: int) -> None:
         if not qvit.is_calibrated:
@@ -376,21 +371,6 @@ class _Profiler:
         into[1] += float((ref.float() - out.float()).square().mean(dim=1).sum())
         into[2] += float((ref.argmax(dim=1) == out.argmax(dim=1)).sum())
 
-    def _until_blocks(self, images: Tensor) -> Tensor:
-        """Run the model's own forward up to its first block and return that block's input."""
-
-        def stop(module, args):
-            raise _ReachedBlocks(args[0])
-
-        handle = self.sequence[0].register_forward_pre_hook(stop)
-        try:
-            self.qvit(images)
-        except _ReachedBlocks as reached:
-            return reached.tensor
-        finally:
-            handle.remove()
-        raise RuntimeError("the model never reached its first block")
-
     def _lockstep(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """FP32 and quantized forward one stage at a time, so only one block's FP32 tensors are held.
 
@@ -399,7 +379,7 @@ class _Profiler:
         """
         m = self.model
         # A model without a known block sequence (models accepted by structure alone) runs whole.
-        stages = [self._until_blocks, *self.sequence, lambda h: m.forward_head(m.norm(h))] if self.sequence else [self.qvit]
+        stages = [self.qvit.first_block_input, *self.sequence, lambda h: m.forward_head(m.norm(h))] if self.sequence else [self.qvit]
         h_fp32 = h_quant = images
         for i, stage in enumerate(stages):
             if self.isolated and 0 < i:

@@ -47,6 +47,7 @@ class QuantMethod:
     log_domain = False  # levels are s * 2^(-q * step): error and saturation are measured in log2 units
     power_of_two_scale = False  # the scale must stay a power of two (a bit shift in integer kernels)
     qdq_exportable = False  # ONNX QuantizeLinear/DequantizeLinear express it exactly (8-bit uniform)
+    learnable_rounding = False  # levels (q - zp) * s with integer q: a weight may round down or up by a learned choice
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -66,6 +67,7 @@ class QuantMethod:
 class UniformQuantizer(QuantMethod):
     name = "uniform"
     qdq_exportable = True
+    learnable_rounding = True
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         lo, hi = lo.float(), hi.float()

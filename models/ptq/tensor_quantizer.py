@@ -208,11 +208,12 @@ class TensorQuantizer(nn.Module):
         self._cache = self._args_key = None  # inference-mode buffers carry no version to notice the change
 
     @torch.no_grad()
-    def set_rounded(self, value: Tensor) -> None:
-        """Use ``value`` (already on this weight's grid) as the quantized weight instead of rounding to nearest."""
+    def set_rounded(self, value: Tensor | None) -> None:
+        """Use ``value`` (already on this weight's grid) as the quantized weight instead of rounding to
+        nearest; None goes back to rounding to nearest."""
         if not self.is_weight:
             raise RuntimeError(f"quantizer {self.name or '?'} is not a weight's: only weights keep a rounded value")
-        self.rounded = value.detach().clone()
+        self.rounded = None if value is None else value.detach().clone()
         self._cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
