@@ -369,10 +369,12 @@ class QVit(nn.Module):
         return self.state.mode
 
     # -- introspection ---------------------------------------------------------------------------------
-    def non_finite_flag(self) -> Tensor:
+    def non_finite_flag(self, points: list[TensorQuantizer] | None = None) -> Tensor:
         """A 0-dim bool tensor on the model's device, True when some point's running minimum or maximum is
-        NaN or infinite: a check of what the observers keep anyway, with no host synchronisation."""
-        observers = [*self.quantizers().values(), *self._reparam_observers.values()]
+        NaN or infinite: a check of what the observers keep anyway, with no host synchronisation.
+        ``points``: :meth:`quantizers`' values, when a per-batch caller has them already."""
+        points = list(self.quantizers().values()) if points is None else points
+        observers = [*points, *self._reparam_observers.values()]
         extremes = [t.reshape(-1) for q in observers for t in q.running_extremes()]
         if not extremes:
             return torch.zeros((), dtype=torch.bool)

@@ -98,3 +98,17 @@ def calibrated(recipe: str = "fqvit_w8a8_att8", model=None, seed: int = 0, size:
 @pytest.fixture
 def tiny_vit() -> VisionTransformer:
     return make_tiny_vit()
+
+
+def reloaded(source, fresh_model, path):
+    """``source`` saved to the calibrated file ``path`` and loaded into a QVit on ``fresh_model`` (the same
+    weights as ``source`` was built on, before any reparameterization folded into them)."""
+    from models.quant_vit import QVit
+    from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
+
+    fingerprint = weights_sha256(fresh_model)
+    save_calibrated(source, path, "tiny", fingerprint, None)
+    record, recipe = read_calibrated(path)
+    target = QVit(fresh_model, recipe)
+    load_calibrated(target, record, path, fingerprint)
+    return target

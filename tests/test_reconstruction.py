@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SWIN_SIZE, calibrated, make_tiny_swin, tiny_images
+from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, reloaded, tiny_images
 from quant_config import ConfigError, load_recipe
-from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
 
 FAST = {"iters": 150, "images": 16, "batch": 8, "lr": 0.01}
 
@@ -69,14 +68,7 @@ def test_learned_rounding_survives_saving_and_is_what_the_export_stores(tmp_path
     from utils.onnx_export import export_onnx, weight_initializers
 
     source = calibrated("trt_int8", reconstruction=FAST)
-    path = tmp_path / "calibrated.pt"
-    from conftest import make_tiny_vit
-    from models.quant_vit import QVit
-
-    save_calibrated(source, path, "tiny", weights_sha256(make_tiny_vit()), None)
-    record, recipe = read_calibrated(path)
-    target = QVit(make_tiny_vit(), recipe)
-    load_calibrated(target, record, path, weights_sha256(make_tiny_vit()))
+    target = reloaded(source, make_tiny_vit(), tmp_path / "calibrated.pt")
     x = tiny_images(8, seed=6)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))

@@ -10,13 +10,12 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from conftest import SWIN_SIZE, make_tiny_swin, tiny_images
+from conftest import SWIN_SIZE, make_tiny_swin, reloaded, tiny_images
 from test_cli import data  # noqa: F401 (module fixture: an ImageNet-layout folder)
 from models.ptq.int_ops import IEXP_MAX_ABS_ERROR
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.quant_vit import QVit, UnsupportedModelError
 from quant_config import load_recipe
-from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
 from utils.engine import calibrate
 
 
@@ -98,12 +97,7 @@ def test_integer_softmax_with_bias_and_mask_matches_the_float_softmax():
 @pytest.mark.parametrize("recipe", ["fqvit_w8a8_att4", "trt_int8"])
 def test_calibrated_swin_round_trips_through_a_file(tmp_path, recipe):
     source = calibrated_swin(recipe)
-    path = tmp_path / "calibrated.pt"
-    # The fingerprint of the weights as loaded (trt_int8's reparameterization folds factors into them after).
-    save_calibrated(source, path, "tiny_swin", weights_sha256(make_tiny_swin()), None)
-    record, loaded_recipe = read_calibrated(path)
-    target = QVit(make_tiny_swin(), loaded_recipe)
-    load_calibrated(target, record, path, weights_sha256(make_tiny_swin()))
+    target = reloaded(source, make_tiny_swin(), tmp_path / "calibrated.pt")
     x = images(4, seed=6)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))

@@ -271,8 +271,9 @@ class _Profiler:
         self.model = qvit.model
         self.isolated = isolated
         # The blocks run one by one in the lockstep pass, and where an isolated run resumes.
-        self.sequence = [block for _, block in qvit.block_sequence()]
-        self.prefixes = [prefix for prefix, _ in qvit.block_sequence()]
+        sequence = qvit.block_sequence()
+        self.sequence = [block for _, block in sequence]
+        self.prefixes = [prefix for prefix, _ in sequence]
         device = next(qvit.parameters()).device
         scratch = _Scratch()
         self.points: dict[int, _Point] = {}
