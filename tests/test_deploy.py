@@ -165,9 +165,15 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     onnx.checker.check_model(model)
     depth = len(vit.blocks)
     fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
-    assert rewrite.linears_fused == len(fused) == 4 * depth  # qkv, proj, fc1, fc2 of every block
-    assert sum(len(n.input) == 7 for n in fused) == len(fused) - (0 if qkv_bias else depth)  # each with its bias, if it has one
-    assert [n.op_type for n in model.graph.node].count("Add") == [n.op_type for n in source.graph.node].count("Add") - sum(len(n.input) == 7 for n in fused)
+    assert rewrite.linears_fused == 4 * depth and rewrite.qkv_split == depth  # qkv, proj, fc1, fc2 of every block
+    assert len(fused) == 6 * depth  # qkv as q, k and v
+    biased = 4 * depth - (0 if qkv_bias else depth)
+    assert sum(len(n.input) == 7 for n in fused) == biased + (2 * depth if qkv_bias else 0)  # each with its bias, if it has one
+    assert [n.op_type for n in model.graph.node].count("Add") == [n.op_type for n in source.graph.node].count("Add") - biased
+    # No Split is left, and k is transposed once, from the GEMM's [b, N, heads, dim] straight to [b, heads, dim, N].
+    assert "Split" not in {n.op_type for n in model.graph.node}
+    perms = [list(onnx.helper.get_attribute_value(n.attribute[0])) for n in model.graph.node if n.op_type == "Transpose"]
+    assert perms.count([0, 2, 3, 1]) == depth and [0, 1, 3, 2] not in perms
     # Weights reach float kernels only in the patch embedding's Conv and the head's Gemm; every
     # activation pair is uint8, and the shifted ones are the source's int8 activation pairs.
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -184,8 +190,13 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
                                               and source_values[n.input[2]].dtype == np.int8 for n in source.graph.node)  # fmt: skip
     # The integer weights are the exported ones, transposed to [in, out], bit for bit.
     stored = [w.T.tobytes() for w in weight_initializers(source).values() if w.ndim == 2]
-    for node in fused:
-        stored.remove(values[node.input[1]].tobytes())
+    by_name = {n.name: values[n.input[1]] for n in fused}
+    for name, weight in by_name.items():
+        if name.endswith(".part0"):  # the qkv weight is its three column blocks side by side
+            stored.remove(np.concatenate([by_name[name[:-1] + str(i)] for i in range(3)], axis=1).tobytes())
+        elif ".part" not in name:
+            stored.remove(weight.tobytes())
+    assert len(stored) == 1  # the head's, which stays a Gemm
     x = torch.cat([tiny_images(16, seed=500 + i) for i in range(2)]).numpy()
     before, after = load_model("ort", tmp_path / "int8.onnx", 1)(x), load_model("ort", tmp_path / "int8.ort.onnx", 1)(x)
     np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())

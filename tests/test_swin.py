@@ -128,7 +128,9 @@ def test_qdq_export_runs_in_onnx_runtime_like_the_fake_quant_model(tmp_path, rec
         reference = qvit(x).numpy()
         with qvit.fp32():
             fp32 = qvit(x).numpy()
-    for path in (tmp_path / "int8.onnx", save_deployed("ort", tmp_path / "int8.onnx")[0]):
+    ort_form, facts = save_deployed("ort", tmp_path / "int8.onnx")
+    assert facts["ort_model"]["qkv_split"] == sum(isinstance(m, QuantWindowAttention) for m in qvit.modules())  # q, k, v as three GEMMs
+    for path in (tmp_path / "int8.onnx", ort_form):
         out = load_model("ort", path, threads=1)(x.numpy())
         assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.95, path.name
         assert np.abs(out - reference).mean() < 0.1 * np.abs(reference - fp32).mean(), path.name
