@@ -214,8 +214,8 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
             print(f"      OpenVINO IR {path.name}/.bin: constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in sorted(types.items(), key=lambda kv: -kv[1]))}")
         else:
             rewrite = facts["ort_model"]
-            print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat, "
-                  f"{rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128")  # fmt: skip
+            print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat "
+                  f"({rewrite['qkv_split']} qkv as q, k, v), {rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128")  # fmt: skip
     return report
 
 
