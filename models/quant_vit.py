@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from models.ptq.bias_correction import correct_biases, layer_inputs
 from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
-from models.ptq.collectives import is_distributed
+from models.ptq.collectives import gather_batches, is_distributed
 from models.ptq.layers import QuantConv2d, QuantLinear
 from models.ptq.registry import QUANT_MODULES, convert_module
 from models.ptq.reconstruction import reconstruct_block
@@ -294,14 +294,15 @@ class QVit(nn.Module):
     @contextlib.contextmanager
     def reconstructing(self) -> Iterator["QVit"]:
         """After calibration (scale search, GPTQ): the images run through the model (FP32) are kept; on a
-        clean exit every block learns its weights' rounding from them, in order (:mod:`models.ptq.reconstruction`)."""
+        clean exit every block learns its weights' rounding from them, in order (:mod:`models.ptq.reconstruction`).
+        Under ``torchrun`` every process then holds every process's images and shares each step's work."""
         spec = self.recipe.reconstruction
         if spec is None:
             raise RuntimeError(f"recipe {self.recipe.name} has no reconstruction section")
         if not self.is_calibrated:
             raise RuntimeError("reconstructing() learns the rounding on calibrated grids: calibrate first")
-        if is_distributed():
-            raise RuntimeError("block reconstruction under torchrun is not supported yet: calibrate with it in one process")
+        if is_distributed() and spec.batch < torch.distributed.get_world_size():
+            raise RuntimeError(f"reconstruction.batch {spec.batch} is smaller than the {torch.distributed.get_world_size()} processes sharing each step")
         if not self.block_sequence():
             raise RuntimeError(f"{type(self.model).__name__} has no block sequence to reconstruct")
         images: list[Tensor] = []
@@ -311,7 +312,7 @@ class QVit(nn.Module):
                 yield self
         finally:
             handle.remove()
-        self._reconstruct(images, spec)
+        self._reconstruct(gather_batches(images), spec)
 
     def _reconstruct(self, images: list[Tensor], spec) -> None:
         start = time.perf_counter()

@@ -19,15 +19,18 @@ from utils.errors import UserError
 
 BATCHES = 4
 # Every observer, then the passes after calibration whose statistics are all-reduced too: the scale
-# search's scores (on the first 12 images: 2 batches, one per process) and GPTQ's H.
+# search's scores (on the first 12 images: 2 batches, one per process), GPTQ's H and block
+# reconstruction's gradients.
 # Swin (its window attention, shift mask and PatchMerging) with FQ-ViT's recipe and with TensorRT's reparameterized one.
 CASES = [(recipe, overrides, "vit") for recipe, overrides in OBSERVER_CASES] + [
     ("fqvit_w8a8_att8", {"scale_search": {"metric": "output", "images": 12}}, "vit"),
     ("fqvit_w8a8_att8", {"scale_search": {"images": 12}, "gptq": {}, "weight.bit_type.bits": 4}, "vit"),
+    # Block reconstruction on the first 12 images (one batch per process), each step's 6 images split in two.
+    ("fqvit_w8a8_att8", {"reconstruction": {"images": 12, "iters": 40, "batch": 6, "lr": 0.01}, "weight.bit_type.bits": 4}, "vit"),
     ("fqvit_w8a8_att4", {}, "swin"),
     ("trt_int8", {}, "swin"),
 ]
-CASE_IDS = OBSERVER_CASE_IDS + ["search-output", "search-fisher-gptq", "swin-fqvit", "swin-trt"]
+CASE_IDS = OBSERVER_CASE_IDS + ["search-output", "search-fisher-gptq", "reconstruction", "swin-fqvit", "swin-trt"]
 
 
 def batches(size: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -81,9 +84,12 @@ def test_distributed_calibration_gives_the_single_process_scales(distributed_and
     distributed, single = distributed_and_single
     scales, reference = distributed[case][0], single[case][0]
     assert scales.keys() == reference.keys()
+    if CASE_IDS[case] == "reconstruction":  # the learned rounding was kept, so there is something to compare
+        assert any(name.endswith(".rounded") for name in reference)
     for name, expected in reference.items():
         if name.endswith(".rounded"):
-            # GPTQ from H summed in another order: a weight on a rounding tie may take the other level.
+            # GPTQ from H summed in another order, reconstruction's gradients likewise: a weight on a
+            # rounding tie may take the other level.
             assert (scales[name] != expected).float().mean() < 2e-3, name
             continue
         torch.testing.assert_close(scales[name], expected, rtol=1e-6, atol=0, msg=name)

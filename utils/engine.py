@@ -111,10 +111,10 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
     if qvit.recipe.scale_search is not None:
         passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
     if qvit.recipe.reconstruction is not None:
-        if world > 1:
-            raise UserError(f"recipe {qvit.recipe.name}: block reconstruction does not run under torchrun yet; calibrate in one "
-                            "process with --save-calibrated, then --load-calibrated serves every process")  # fmt: skip
-        passes.append(("reconstruct blocks", qvit.reconstructing, qvit.recipe.reconstruction.images))
+        if qvit.recipe.reconstruction.batch < world:
+            raise UserError(f"recipe {qvit.recipe.name}: reconstruction.batch {qvit.recipe.reconstruction.batch} is smaller than the {world} "
+                            "processes that share each step")  # fmt: skip
+        passes.append(("reconstruct blocks", qvit.reconstructing, math.ceil(qvit.recipe.reconstruction.images / world)))
     if qvit.recipe.bias_correction is not None:
         passes.append(("correct biases", qvit.correcting_biases, math.ceil(qvit.recipe.bias_correction.images / world)))
     weight = qvit.first_non_finite_weight()

@@ -21,6 +21,11 @@ At the end ``h(V) >= 0.5`` picks the rounding, which becomes the weight quantize
 images, with the quantized model's inputs, is lower than with round-to-nearest; otherwise the block
 keeps round-to-nearest. So reconstruction never ends worse than it started, and every learned weight is
 on its grid within one step of its float value.
+
+Under ``torchrun`` every process holds all the cached images (:func:`gather_batches`) and draws the same
+steps from the same seed; each process runs its slice of every step's batch and the gradients are
+summed across processes (:func:`all_reduce_`) before the identical update, so the processes share the
+work and end with the same rounding - one process's, up to the order of float sums.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from models.ptq.collectives import all_reduce_, is_distributed
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import ReconstructionSpec
 
@@ -147,18 +153,28 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
 
 def _learn(block: nn.Module, roundings: dict, optimizer: torch.optim.Optimizer, x_fp: Tensor, x_q: Tensor, y: Tensor,
            spec: ReconstructionSpec, warmup: int, generator: torch.Generator) -> None:  # fmt: skip
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if is_distributed() else (1, 0)
+    params = [r.v for _, r in roundings.values()]
     with _float_softmax(block), _weights_from(roundings, "soft"):
         for step in range(spec.iters):
+            # Every process draws the whole step (the same generator), then runs its slice of it.
             index = torch.randint(0, len(x_q), (min(spec.batch, len(x_q)),), generator=generator).to(x_q.device)
             inputs = x_q[index]
             if spec.drop > 0:
                 keep_fp = torch.rand(inputs.shape, generator=generator).to(inputs.device) < spec.drop
                 inputs = torch.where(keep_fp, x_fp[index], inputs)
-            loss = (block(inputs.clone()) - y[index]).float().square().sum(-1).mean()
+            own = torch.tensor_split(torch.arange(len(index), device=index.device), world)[rank]
+            # The step's loss is the mean over its images of each image's squared error per token.
+            error = (block(inputs[own].clone()) - y[index[own]]).float().square().sum(-1).flatten(1).mean(1)
+            loss = error.sum() / len(index)
             if step >= warmup and spec.reg > 0:
                 progress = (step - warmup) / max(1, spec.iters - warmup)
                 beta = BETA[1] + (BETA[0] - BETA[1]) * (1 + math.cos(math.pi * progress)) / 2
-                loss = loss + spec.reg * sum(r.regularizer(beta) for _, r in roundings.values())
-            optimizer.zero_grad(set_to_none=True)
+                loss = loss + spec.reg / world * sum(r.regularizer(beta) for _, r in roundings.values())
+            optimizer.zero_grad(set_to_none=False)
             loss.backward()
+            if world > 1:
+                for v in params:
+                    if v.grad is not None:  # None in every process alike: each runs the same block
+                        all_reduce_(v.grad, "sum")
             optimizer.step()
