@@ -251,7 +251,8 @@ class ReconstructionSpec:
     block learns to round up or down (AdaRound's rectified sigmoid) so that the block's output on the
     first ``images`` calibration images matches the FP32 block's; ``iters`` Adam steps of ``lr`` on
     ``batch`` images each, rounding regularizer ``reg``; the block's input is the quantized model's or,
-    with probability ``drop`` per element, the FP32 one (QDrop)."""
+    with probability ``drop`` per element, the FP32 one (QDrop). ``scale_lr`` > 0 also learns the step
+    of every per-tensor uniform activation grid in the block (LSQ), with Adam at that rate."""
 
     images: int = 256
     iters: int = 500
@@ -259,6 +260,7 @@ class ReconstructionSpec:
     lr: float = 1e-3
     reg: float = 0.01
     drop: float = 0.5
+    scale_lr: float = 0.0
 
     def validate(self, where: str) -> None:
         for key, lo, hi in (("images", 1, 10**6), ("iters", 1, 10**6), ("batch", 1, 4096)):
@@ -266,6 +268,7 @@ class ReconstructionSpec:
         _check_number(f"{where}.lr", self.lr, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
         _check_number(f"{where}.reg", self.reg, lambda v: v >= 0.0, "a number >= 0")
         _check_number(f"{where}.drop", self.drop, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
+        _check_number(f"{where}.scale_lr", self.scale_lr, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from quant_config import ConfigError, load_recipe
 FAST = {"iters": 150, "images": 16, "batch": 8, "lr": 0.01}
 
 
-def rtn_and_learned_block_errors(qvit, images: torch.Tensor) -> list[tuple[float, float]]:
+def rtn_and_learned_block_errors(qvit, images: torch.Tensor, calibrated_scales: dict | None = None) -> list[tuple[float, float]]:
     """Per block: the output error against the FP32 block, on the quantized model's own inputs, with
-    round-to-nearest weights and with the learned ones (computed here, not by the library)."""
+    round-to-nearest weights (and ``calibrated_scales``, the steps before any was learned) and with the
+    learned ones (computed here, not by the library)."""
     errors = []
     with torch.no_grad():
         with qvit.fp32():
@@ -23,11 +24,16 @@ def rtn_and_learned_block_errors(qvit, images: torch.Tensor) -> list[tuple[float
                 target = block(x_fp)
             learned = float((block(x_q) - target).square().sum())
             rounded = {q: q.rounded for q in qvit.quantizers().values() if q.rounded is not None}
+            learned_scales = {name: q.scale.clone() for name, q in qvit.quantizers().items()}
             for q in rounded:
                 q.set_rounded(None)
+            for name, scale in (calibrated_scales or {}).items():
+                qvit.quantizers()[name].scale.copy_(scale)
             rtn = float((block(x_q) - target).square().sum())
             for q, value in rounded.items():
                 q.set_rounded(value)
+            for name, scale in learned_scales.items():
+                qvit.quantizers()[name].scale.copy_(scale)
             errors.append((rtn, learned))
             x_fp, x_q = target, block(x_q)
     return errors
@@ -41,6 +47,23 @@ def test_reconstruction_never_ends_worse_than_round_to_nearest(recipe, overrides
     # The calibration images the blocks learned on (the first 16: calibrated() passes 3 batches of 8).
     images = torch.cat([tiny_images(8, seed=10 + i) for i in range(2)])
     errors = rtn_and_learned_block_errors(qvit, images)
+    assert all(learned <= rtn * (1 + 1e-6) for rtn, learned in errors), errors
+    assert sum(learned for _, learned in errors) < sum(rtn for rtn, _ in errors)
+
+
+def test_learned_activation_steps_end_in_the_scale_buffers_and_never_raise_a_block_error():
+    from models.ptq.reconstruction import learnable_steps
+
+    overrides = {"weight.bit_type.bits": 4, "activation.bit_type.bits": 4, "integer_softmax": False}
+    start = {name: q.scale.clone() for name, q in calibrated("fqvit_w8a8_att8", **overrides).quantizers().items()}
+    qvit = calibrated("fqvit_w8a8_att8", reconstruction={**FAST, "scale_lr": 0.01}, **overrides)
+    learnable = {f"{block_name}.{name}" for block_name, block in qvit.block_sequence() for name in learnable_steps(block)}
+    assert {"blocks.0.attn.qkv.input_quant", "blocks.0.attn.q_act.input_quant", "blocks.1.mlp.fc1.input_quant"} <= learnable
+    assert not any(name.endswith(("weight_quant", "norm1.input_quant", "norm2.input_quant")) for name in learnable)  # weights and PTF stay
+    moved = {name for name, q in qvit.quantizers().items() if not torch.equal(q.scale, start[name])}
+    assert moved and moved <= learnable  # only learnable steps moved (calibration itself is deterministic)
+    images = torch.cat([tiny_images(8, seed=10 + i) for i in range(2)])
+    errors = rtn_and_learned_block_errors(qvit, images, calibrated_scales=start)
     assert all(learned <= rtn * (1 + 1e-6) for rtn, learned in errors), errors
     assert sum(learned for _, learned in errors) < sum(rtn for rtn, _ in errors)
 
@@ -89,7 +112,8 @@ def test_swin_blocks_and_patch_merging_reconstruct():
 
 @pytest.mark.parametrize("value,message", [({"iters": 0}, r"reconstruction\.iters must be an integer from 1"),
                                            ({"drop": 1.5}, r"reconstruction\.drop must be a number from 0 to 1"),
-                                           ({"lr": 0}, r"reconstruction\.lr must be a number in \(0, 1\]")])  # fmt: skip
+                                           ({"lr": 0}, r"reconstruction\.lr must be a number in \(0, 1\]"),
+                                           ({"scale_lr": -1}, r"reconstruction\.scale_lr must be a number from 0 to 1")])  # fmt: skip
 def test_bad_reconstruction_values_are_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe("trt_int8", {"reconstruction": value})

@@ -48,6 +48,7 @@ class QuantMethod:
     power_of_two_scale = False  # the scale must stay a power of two (a bit shift in integer kernels)
     qdq_exportable = False  # ONNX QuantizeLinear/DequantizeLinear express it exactly (8-bit uniform)
     learnable_rounding = False  # levels (q - zp) * s with integer q: a weight may round down or up by a learned choice
+    learnable_scale = False  # (clamp(round(x / s) + zp, qmin, qmax) - zp) * s: s can learn through straight-through rounding (LSQ)
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -68,6 +69,7 @@ class UniformQuantizer(QuantMethod):
     name = "uniform"
     qdq_exportable = True
     learnable_rounding = True
+    learnable_scale = True
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         lo, hi = lo.float(), hi.float()

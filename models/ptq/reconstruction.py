@@ -1,5 +1,5 @@
 """Block reconstruction: learned weight rounding, block by block (BRECQ, arXiv 2102.05426, Sec. 3-4;
-AdaRound, arXiv 2004.10568, Eq. 21-24; QDrop, arXiv 2203.05740, Sec. 3).
+AdaRound, arXiv 2004.10568, Eq. 21-24; QDrop, arXiv 2203.05740, Sec. 3-4; LSQ, arXiv 1902.08153, Eq. 1-3).
 
 After calibration fixes every scale, each block of the model (``QVit.block_sequence()``: a ViT's blocks,
 a Swin's PatchMerging and blocks), in order, learns for every quantized weight ``W`` of the block
@@ -16,10 +16,14 @@ replaced by the FP32 model's with probability ``drop`` (QDrop: the block learns 
 activation noise it will see, but not only that noise). The integer softmax runs in float during the
 optimisation (its integer exponential has no gradient).
 
+With ``scale_lr`` > 0 the step ``s`` of every per-tensor uniform activation grid in the block learns
+too, as QDrop does: the point computes ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with the
+rounding passed straight through, so ``s`` gets LSQ's gradient (Adam at ``scale_lr``; zero points stay).
+
 At the end ``h(V) >= 0.5`` picks the rounding, which becomes the weight quantizer's ``rounded`` buffer
-(saved, exported and profiled as GPTQ's is) - but only if the block's output error on the cached
-images, with the quantized model's inputs, is lower than with round-to-nearest; otherwise the block
-keeps round-to-nearest. So reconstruction never ends worse than it started, and every learned weight is
+(saved, exported and profiled as GPTQ's is) and a learned step becomes the point's ``scale`` buffer -
+but only if the block's output error on the cached images, with the quantized model's inputs, is
+lower than with round-to-nearest and the calibrated steps; otherwise the block keeps those. So reconstruction never ends worse than it started, and every learned weight is
 on its grid within one step of its float value.
 
 Under ``torchrun`` every process holds all the cached images (:func:`gather_batches`) and draws the same
@@ -41,7 +45,7 @@ from models.ptq.collectives import all_reduce_, is_distributed
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import ReconstructionSpec
 
-__all__ = ["reconstruct_block", "reconstructable_weights"]
+__all__ = ["learnable_steps", "reconstruct_block", "reconstructable_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,30 @@ def reconstructable_weights(block: nn.Module) -> dict[str, tuple[nn.Module, Tens
         if isinstance(q, TensorQuantizer) and q.enabled and q.is_calibrated and q.spec is not None and q.method.learnable_rounding:
             found[name] = (module, q)
     return found
+
+
+def learnable_steps(block: nn.Module) -> dict[str, TensorQuantizer]:
+    """The block's calibrated activation points whose per-tensor grid step can learn (uniform, no PTF)."""
+    return {
+        name: q for name, q in block.named_modules()
+        if isinstance(q, TensorQuantizer) and not q.is_weight and q.enabled and q.is_calibrated and q.spec is not None
+        and q.method.learnable_scale and q.scale.dim() == 0 and q.ptf is None
+    }  # fmt: skip
+
+
+class _LearnedStep:
+    """One activation point's learnable step: LSQ's fake quantization with a straight-through round."""
+
+    def __init__(self, q: TensorQuantizer) -> None:
+        self.s = q.scale.detach().float().clone().requires_grad_(True)
+        zero = float(q.zero_point)
+        self.low, self.high = q.spec.bit_type.qmin - zero, q.spec.bit_type.qmax - zero
+
+    def __call__(self, x: Tensor) -> Tensor:
+        s = self.s.clamp_min(1e-12)
+        scaled = x / s
+        rounded = scaled + (scaled.round() - scaled).detach()
+        return (rounded.clamp(self.low, self.high) * s).to(x.dtype)
 
 
 class _SoftRounding:
@@ -91,9 +119,12 @@ class _SoftRounding:
 
 
 @contextlib.contextmanager
-def _weights_from(roundings: dict[str, tuple[TensorQuantizer, _SoftRounding]], kind: str) -> Iterator[None]:
-    """Within: each weight quantizer outputs its soft (``kind="soft"``) or hard learned weight."""
+def _learned(roundings: dict[str, tuple[TensorQuantizer, _SoftRounding]], steps: dict[str, tuple[TensorQuantizer, _LearnedStep]],
+             kind: str) -> Iterator[None]:  # fmt: skip
+    """Within: each weight quantizer outputs its soft (``kind="soft"``) or hard learned weight, and each
+    learnable activation point quantizes with its learned step."""
     handles = [q.register_forward_hook(lambda module, args, out, r=r: getattr(r, kind)()) for q, r in roundings.values()]
+    handles += [q.register_forward_hook(lambda module, args, out, step=step: step(args[0])) for q, step in steps.values()]
     try:
         yield
     finally:
@@ -126,8 +157,9 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
     Sets the weight quantizers' ``rounded`` buffers when that lowers the output error on the cache;
     returns that error with round-to-nearest and at the end."""
     layers = reconstructable_weights(block)
+    points = learnable_steps(block) if spec.scale_lr > 0 else {}
     before = _output_error(block, quant_inputs, targets)
-    if not layers:
+    if not layers and not points:
         return {"before": before, "after": before}
     previous = {name: q.rounded for name, (_, q) in layers.items()}
     for _, q in layers.values():
@@ -136,26 +168,31 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
     # Calibration runs under inference mode, whose tensors autograd cannot save: learn outside it, on copies.
     with torch.inference_mode(False), torch.enable_grad():
         roundings = {name: (q, _SoftRounding(module.weight, q)) for name, (module, q) in layers.items()}
-        optimizer = torch.optim.Adam([r.v for _, r in roundings.values()], lr=spec.lr)
+        steps = {name: (q, _LearnedStep(q)) for name, q in points.items()}
+        groups = [{"params": [r.v for _, r in roundings.values()], "lr": spec.lr}, {"params": [st.s for _, st in steps.values()], "lr": spec.scale_lr}]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]])
         x_fp, x_q, y = (torch.cat(t).clone() for t in (fp32_inputs, quant_inputs, targets))
-        _learn(block, roundings, optimizer, x_fp, x_q, y, spec, warmup, generator)
-    with _weights_from(roundings, "hard"):
+        _learn(block, roundings, steps, optimizer, x_fp, x_q, y, spec, warmup, generator)
+    with _learned(roundings, steps, "hard"):
         after = _output_error(block, quant_inputs, targets)
     if after < before:
         for q, r in roundings.values():
             q.set_rounded(r.hard())
-    else:  # round-to-nearest was as good: keep it (or the rounding there was before)
+        with torch.no_grad():
+            for q, step in steps.values():
+                q.scale.copy_(step.s.detach().clamp_min(1e-12).to(q.scale.dtype))
+    else:  # round-to-nearest and the calibrated steps were as good: keep them (or the rounding there was before)
         for name, (_, q) in layers.items():
             q.set_rounded(previous[name])
         after = before
     return {"before": before, "after": after}
 
 
-def _learn(block: nn.Module, roundings: dict, optimizer: torch.optim.Optimizer, x_fp: Tensor, x_q: Tensor, y: Tensor,
-           spec: ReconstructionSpec, warmup: int, generator: torch.Generator) -> None:  # fmt: skip
+def _learn(block: nn.Module, roundings: dict, steps: dict, optimizer: torch.optim.Optimizer, x_fp: Tensor, x_q: Tensor,
+           y: Tensor, spec: ReconstructionSpec, warmup: int, generator: torch.Generator) -> None:  # fmt: skip
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if is_distributed() else (1, 0)
-    params = [r.v for _, r in roundings.values()]
-    with _float_softmax(block), _weights_from(roundings, "soft"):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with _float_softmax(block), _learned(roundings, steps, "soft"):
         for step in range(spec.iters):
             # Every process draws the whole step (the same generator), then runs its slice of it.
             index = torch.randint(0, len(x_q), (min(spec.batch, len(x_q)),), generator=generator).to(x_q.device)
@@ -167,7 +204,7 @@ def _learn(block: nn.Module, roundings: dict, optimizer: torch.optim.Optimizer, 
             # The step's loss is the mean over its images of each image's squared error per token.
             error = (block(inputs[own].clone()) - y[index[own]]).float().square().sum(-1).flatten(1).mean(1)
             loss = error.sum() / len(index)
-            if step >= warmup and spec.reg > 0:
+            if step >= warmup and spec.reg > 0 and roundings:
                 progress = (step - warmup) / max(1, spec.iters - warmup)
                 beta = BETA[1] + (BETA[0] - BETA[1]) * (1 + math.cos(math.pi * progress)) / 2
                 loss = loss + spec.reg / world * sum(r.regularizer(beta) for _, r in roundings.values())
