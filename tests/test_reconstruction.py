@@ -104,6 +104,23 @@ def test_learned_rounding_survives_saving_and_is_what_the_export_stores(tmp_path
             assert codes.tobytes() in stored, name
 
 
+def test_the_profiler_measures_the_learned_rounding():
+    from utils.profiler import point_name, run_profile
+
+    qvit = calibrated("fqvit_w8a8_att8", reconstruction=FAST, **{"weight.bit_type.bits": 4})
+    table = run_profile(qvit, [(tiny_images(4, seed=3), None, 0)]).table.set_index("name")
+    weights = dict(qvit.model.named_parameters())
+    checked = 0
+    for name, q in qvit.quantizers().items():
+        if q.rounded is None:
+            continue
+        weight = weights[name.removesuffix("_quant")]
+        nearest = q.method.fake_quant(weight, q.broadcast(q.scale, weight), q.broadcast(q.zero_point, weight), q.spec.bit_type)
+        assert table.loc[point_name(name), "mse"] == pytest.approx(float((q.rounded - weight).square().mean()), rel=1e-5), name
+        checked += int(not torch.equal(q.rounded, nearest))
+    assert checked  # and that differs from round-to-nearest's error somewhere
+
+
 def test_swin_blocks_and_patch_merging_reconstruct():
     qvit = calibrated("trt_int8", model=make_tiny_swin(), size=SWIN_SIZE, reconstruction=FAST)
     rounded = {n for n, q in qvit.quantizers().items() if q.rounded is not None}
