@@ -104,7 +104,7 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     from models.ptq.tensor_quantizer import TensorQuantizer
     from models.quant_vit import QVit
 
-    plus = ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8", "fqvit_plus_w4a8", "fqvit_plus_w4a8_mp")
+    plus = ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8", "fqvit_plus_w4a4", "fqvit_plus_w4a8", "fqvit_plus_w4a8_mp")
     for name in plus:
         recipe = load_recipe(name)
         # Every kind quantized: weights, activations, the residual stream at the LayerNorms, the attention map,
@@ -114,7 +114,7 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
         points = {n: m for n, m in QVit(make_tiny_vit(), recipe).model.named_modules() if isinstance(m, TensorQuantizer)}
         floats = [n for n, q in points.items() if q.spec is None and not (n.endswith("softmax.input_quant") and not recipe.integer_softmax)]
         assert not floats, (name, floats)
-    for name in plus[:3]:
+    for name in plus[:4]:
         recipe = load_recipe(name)
         assert recipe.reparam is not None and recipe.scale_search is not None and recipe.scale_search.metric == "fisher"
     assert load_recipe("fqvit_plus_w8a8").integer_softmax
@@ -124,6 +124,9 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
     assert full6.layers == w6.layers == {"*blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
+    w4a4 = load_recipe("fqvit_plus_w4a4")  # 4 bits but for the residual stream at its LayerNorms
+    assert {w4a4.weight.bit_type.bits, w4a4.activation.bit_type.bits, w4a4.attention.bit_type.bits} == {4} and w4a4.layernorm_input.bit_type.bits == 8
+    assert w4a4.gptq is not None and w4a4.reconstruction is not None and w4a4.layers["*blocks.*.mlp.fc2.input_quant"]["bit_type"]["bits"] == 4
     w4, w4mp = load_recipe("fqvit_plus_w4a8"), load_recipe("fqvit_plus_w4a8_mp")
     assert w4.weight.bit_type.bits == 4 and w4.gptq is not None and w4.activation.bit_type.bits == 8
     assert (w4.weight, w4.activation, w4.gptq) == (w4mp.weight, w4mp.activation, w4mp.gptq)
