@@ -23,8 +23,9 @@ rounding passed straight through, so ``s`` gets LSQ's gradient (Adam at ``scale_
 At the end ``h(V) >= 0.5`` picks the rounding, which becomes the weight quantizer's ``rounded`` buffer
 (saved, exported and profiled as GPTQ's is) and a learned step becomes the point's ``scale`` buffer -
 but only if the block's output error on the cached images, with the quantized model's inputs, is
-lower than with round-to-nearest and the calibrated steps; otherwise the block keeps those. So reconstruction never ends worse than it started, and every learned weight is
-on its grid within one step of its float value.
+lower than with round-to-nearest and the calibrated steps; otherwise the block keeps those. So
+reconstruction never ends worse than it started, and every learned weight is on its grid within one
+step of its float value.
 
 Under ``torchrun`` every process holds all the cached images (:func:`gather_batches`) and draws the same
 steps from the same seed; each process runs its slice of every step's batch and the gradients are
@@ -154,8 +155,8 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
                       spec: ReconstructionSpec, generator: torch.Generator) -> dict[str, float]:  # fmt: skip
     """Learn the rounding of every reconstructable weight of ``block`` (which runs in the quantized mode)
     from cached batches: its FP32-model inputs, its quantized-model inputs and the FP32 block's outputs.
-    Sets the weight quantizers' ``rounded`` buffers when that lowers the output error on the cache;
-    returns that error with round-to-nearest and at the end."""
+    Sets the weight quantizers' ``rounded`` buffers (and, with ``scale_lr``, the learned activation
+    steps) when that lowers the output error on the cache; returns that error before and at the end."""
     layers = reconstructable_weights(block)
     points = learnable_steps(block) if spec.scale_lr > 0 else {}
     before = _output_error(block, quant_inputs, targets)
