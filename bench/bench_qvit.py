@@ -52,8 +52,7 @@ def bench_eval(model_name: str, recipes: list[str], xs: list[torch.Tensor], iter
         # Built outside inference mode: a recipe's Fisher scale search back-propagates through the weights.
         # Block reconstruction only changes which integer each weight rounds to, not the evaluation's
         # cost: left out here, where it would take minutes per recipe on a CPU.
-        recipe = load_recipe(name)
-        qvit = build_qvit(model_name, recipe.with_overrides({"reconstruction": None}) if recipe.reconstruction else recipe, checkpoint).to(device)
+        qvit = build_qvit(model_name, load_recipe(name, {"reconstruction": None}), checkpoint).to(device)
         calibrate(qvit, [(cx, None, 0) for cx in xs[:2]], device, progress=False)
 
         def fp32(qvit: QVit = qvit) -> None:

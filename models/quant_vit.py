@@ -52,7 +52,7 @@ from models.ptq.gptq import HessianCollector, collect_hessians, gptq_quantize
 from models.ptq.collectives import gather_batches, is_distributed
 from models.ptq.layers import QuantConv2d, QuantLinear
 from models.ptq.registry import QUANT_MODULES, convert_module
-from models.ptq.reconstruction import reconstruct_block
+from models.ptq.reconstruction import reconstruct_block, too_few_images_per_step
 from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
@@ -301,8 +301,9 @@ class QVit(nn.Module):
             raise RuntimeError(f"recipe {self.recipe.name} has no reconstruction section")
         if not self.is_calibrated:
             raise RuntimeError("reconstructing() learns the rounding on calibrated grids: calibrate first")
-        if is_distributed() and spec.batch < torch.distributed.get_world_size():
-            raise RuntimeError(f"reconstruction.batch {spec.batch} is smaller than the {torch.distributed.get_world_size()} processes sharing each step")
+        refusal = too_few_images_per_step(spec, torch.distributed.get_world_size() if is_distributed() else 1)
+        if refusal is not None:
+            raise RuntimeError(refusal)
         if not self.block_sequence():
             raise RuntimeError(f"{type(self.model).__name__} has no block sequence to reconstruct")
         images: list[Tensor] = []

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.ptq.collectives import first_error_everywhere, is_distributed
+from models.ptq.reconstruction import too_few_images_per_step
 from models.quant_vit import QVit
 from utils.data import Batch
 from utils.errors import UserError
@@ -111,9 +112,9 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
     if qvit.recipe.scale_search is not None:
         passes.append(("search scales", qvit.searching_scales, math.ceil(qvit.recipe.scale_search.images / world)))
     if qvit.recipe.reconstruction is not None:
-        if qvit.recipe.reconstruction.batch < world:
-            raise UserError(f"recipe {qvit.recipe.name}: reconstruction.batch {qvit.recipe.reconstruction.batch} is smaller than the {world} "
-                            "processes that share each step")  # fmt: skip
+        refusal = too_few_images_per_step(qvit.recipe.reconstruction, world)  # before any pass: fail in seconds
+        if refusal is not None:
+            raise UserError(f"recipe {qvit.recipe.name}: {refusal}")
         passes.append(("reconstruct blocks", qvit.reconstructing, math.ceil(qvit.recipe.reconstruction.images / world)))
     if qvit.recipe.bias_correction is not None:
         passes.append(("correct biases", qvit.correcting_biases, math.ceil(qvit.recipe.bias_correction.images / world)))

@@ -43,16 +43,24 @@ import torch
 from torch import Tensor, nn
 
 from models.ptq.collectives import all_reduce_, is_distributed
+from models.ptq.quantizers import SCALE_EPS
 from models.ptq.tensor_quantizer import TensorQuantizer
 from quant_config import ReconstructionSpec
 
-__all__ = ["learnable_steps", "reconstruct_block", "reconstructable_weights"]
+__all__ = ["learnable_steps", "reconstruct_block", "reconstructable_weights", "too_few_images_per_step"]
 
 log = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1
 WARMUP = 0.2  # fraction of the steps without the rounding regularizer
 BETA = (20.0, 2.0)  # the regularizer's exponent, annealed over the remaining steps
+
+
+def too_few_images_per_step(spec: ReconstructionSpec, world: int) -> str | None:
+    """Why ``world`` processes cannot share each step of ``spec`` (a slice each), or None when they can."""
+    if spec.batch < world:
+        return f"reconstruction.batch {spec.batch} is smaller than the {world} processes that share each step"
+    return None
 
 
 def reconstructable_weights(block: nn.Module) -> dict[str, tuple[nn.Module, TensorQuantizer]]:
@@ -83,7 +91,7 @@ class _LearnedStep:
         self.low, self.high = q.spec.bit_type.qmin - zero, q.spec.bit_type.qmax - zero
 
     def __call__(self, x: Tensor) -> Tensor:
-        s = self.s.clamp_min(1e-12)
+        s = self.s.clamp_min(SCALE_EPS)
         scaled = x / s
         rounded = scaled + (scaled.round() - scaled).detach()
         return (rounded.clamp(self.low, self.high) * s).to(x.dtype)
@@ -181,7 +189,7 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
             q.set_rounded(r.hard())
         with torch.no_grad():
             for q, step in steps.values():
-                q.scale.copy_(step.s.detach().clamp_min(1e-12).to(q.scale.dtype))
+                q.scale.copy_(step.s.detach().clamp_min(SCALE_EPS).to(q.scale.dtype))
     else:  # round-to-nearest and the calibrated steps were as good: keep them (or the rounding there was before)
         for name, (_, q) in layers.items():
             q.set_rounded(previous[name])
