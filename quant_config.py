@@ -128,6 +128,10 @@ class QuantizerSpec:
     # FQ-ViT power-of-two factor: per-channel scales s * 2^(k - levels + 1), k in [0, levels).
     power_of_two_factor: bool = False
     ptf_levels: int = 4
+    # PTF on an asymmetric grid: one zero point per channel, placed at the channel's own range, rather
+    # than FQ-ViT's shared one (a fine-scaled channel then covers its own values, not the whole tensor's
+    # centre); the integer LayerNorm subtracts it per channel before the shift.
+    ptf_channel_zero_points: bool = False
 
     def validate(self, where: str, kind: str) -> None:
         self.validate_values(where)
@@ -143,6 +147,7 @@ class QuantizerSpec:
         _check_int(f"{where}.hist_bins", self.hist_bins, 256, 65536)
         _check_int(f"{where}.ptf_levels", self.ptf_levels, 1, 8)
         _check_bool(f"{where}.power_of_two_factor", self.power_of_two_factor)
+        _check_bool(f"{where}.ptf_channel_zero_points", self.ptf_channel_zero_points)
 
     def validate_combination(self, where: str, kind: str) -> None:
         """The fields together, for a tensor of ``kind``."""
@@ -167,6 +172,8 @@ class QuantizerSpec:
                 raise ConfigError(f"{where}.power_of_two_factor needs calibration_mode: channel_wise (one factor per channel)")
             if self.quantizer != "uniform":
                 raise ConfigError(f"{where}.power_of_two_factor needs quantizer: uniform")
+        if self.ptf_channel_zero_points and not (self.power_of_two_factor and not self.bit_type.symmetric):
+            raise ConfigError(f"{where}.ptf_channel_zero_points needs power_of_two_factor: true on an asymmetric grid (bit_type.symmetric: false)")
 
 
 @dataclass(frozen=True)

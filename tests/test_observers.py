@@ -248,6 +248,42 @@ def test_ptf_factors_are_powers_of_two_and_base_covers_widest_channel():
     assert list(exponents[:3]) == [0, -2, -3]
 
 
+def test_ptf_channel_zero_points_centre_each_channel_and_never_lose_to_the_shared_one():
+    # Off-centre channels beside a wide symmetric one: the shared zero point sits at the tensor's centre, so
+    # at a fine scale the grid leaves one side of an off-centre channel outside it.
+    rng = np.random.default_rng(9)
+    ranges = np.array([[-50.0, 50.0], [-2.0, 30.0], [-30.0, 2.0], [-1.0, 1.0], [-0.1, 3.0]])
+    x = rng.uniform(ranges[:, 0], ranges[:, 1], size=(20_000, 5)).astype(np.float32)
+
+    def calibrate(per_channel: bool):
+        spec = QuantizerSpec(bit_type=UINT8, calibration_mode="channel_wise", power_of_two_factor=True, ptf_levels=8, ptf_channel_zero_points=per_channel)
+        method = UniformQuantizer()
+        obs = build_observer("minmax", spec, method, -1)
+        ptf = PowerOfTwoFactor(spec, method, -1, obs)
+        obs.update(torch.from_numpy(x))
+        ptf.update(torch.from_numpy(x))
+        return ptf.base_qparams()[0].item(), *ptf.channel_qparams()
+
+    _, _, shared_zps = calibrate(False)
+    base, scales, zps = calibrate(True)
+    exponents = np.log2((scales / base).numpy())
+    np.testing.assert_array_equal(exponents, np.round(exponents))  # still powers of two of one base
+    for c in range(5):
+        lo, hi = x[:, c].min(), x[:, c].max()
+        # Independent reference: at each candidate scale, the code that puts the range's middle at 127.5.
+        cands = [(base * 2.0 ** (k - 7), float(np.clip(np.round(127.5 - (lo + hi) / 2 / (base * 2.0 ** (k - 7))), 0, 255))) for k in range(8)]
+        errs = [np_fake_quant_err(x[:, c], s, z) for s, z in cands]
+        k = int(exponents[c]) + 7
+        assert scales[c].item() == pytest.approx(cands[k][0]) and zps[c].item() == cands[k][1]
+        assert errs[k] <= 1.05 * min(errs) + 1e-12
+        shared_errs = [np_fake_quant_err(x[:, c], base * 2.0 ** (j - 7), shared_zps[0].item()) for j in range(8)]
+        assert errs[k] <= 1.05 * min(shared_errs) + 1e-12
+        if c in (1, 2, 4):  # off-centre: a finer step than the shared zero point allows, a quarter of the error or less
+            assert errs[k] < 0.3 * min(shared_errs)
+    assert exponents[1] == exponents[2] == -1 and zps[1].item() < 100 and zps[2].item() > 155
+    assert zps.min().item() >= UINT8.qmin and zps.max().item() <= UINT8.qmax  # zero stays on every grid
+
+
 def np_fake_quant_err(x: np.ndarray, scale: float, zp: float) -> float:
     q = np.clip(np.round(x / scale) + zp, 0, 255)
     return float(np.mean(((q - zp) * scale - x) ** 2))

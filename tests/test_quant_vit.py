@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from conftest import calibrated, make_tiny_vit, tiny_images
+from conftest import calibrated, make_tiny_vit, reloaded, tiny_images
 from models.ptq.layers import QuantAttention, QuantBlock, QuantLayerNorm, QuantLinear
 from models.ptq.tensor_quantizer import QuantMode
 from models.quant_vit import QVit, UnsupportedModelError
@@ -139,6 +139,26 @@ def test_calibrated_file_round_trip(tmp_path):
     x = tiny_images(8, seed=6)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
+
+
+
+def test_ptf_channel_zero_points_reach_the_layernorm_and_survive_the_calibrated_file(tmp_path):
+    overrides = {"layernorm_input.ptf_channel_zero_points": True}
+    source = calibrated("fqvit_w8a8_att8", **overrides)
+    q = source.model.blocks[1].norm1.input_quant
+    zps = q.zero_point
+    assert zps.shape == (q.num_channels,) and len(set(zps.tolist())) > 1  # one per channel, not shared
+    assert zps.min() >= 0 and zps.max() <= 255 and torch.equal(zps, zps.round())
+    x = torch.randn(2, 5, q.num_channels) * 3
+    # Independent reference: per-channel uint8 fake quantization with those scales and zero points.
+    ref = (torch.clamp(torch.round(x / q.scale) + zps, 0, 255) - zps) * q.scale
+    with source.quantized(), torch.no_grad():
+        assert torch.allclose(q(x), ref, atol=1e-6)
+    target = reloaded(source, make_tiny_vit(), tmp_path / "calibrated.pt")
+    assert target.recipe.layernorm_input.ptf_channel_zero_points
+    images = tiny_images(8, seed=6)
+    with torch.no_grad():
+        assert torch.equal(target(images), source(images))
 
 
 def test_mode_context_managers_restore_and_failed_calibration_finalizes_nothing():

@@ -102,7 +102,8 @@ class QuantLayerNorm(nn.LayerNorm):
 
     With PTF the per-channel input scales are ``s * 2^alpha_c``, so an integer LayerNorm can bring all
     channels to the common scale ``s`` with bit shifts and compute mean and variance exactly in
-    integers (Sec. 3.2, Eq. 8). Normalising the dequantized input in float is that same computation.
+    integers (Sec. 3.2, Eq. 8); with ``ptf_channel_zero_points`` it subtracts each channel's zero point
+    before the shift. Normalising the dequantized input in float is that same computation.
     """
 
     input_quant: TensorQuantizer

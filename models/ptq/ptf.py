@@ -20,8 +20,9 @@ class PowerOfTwoFactor:
     tensor-wide percentile or KL range cuts exactly the few channels that carry the residual stream's
     outliers). Channel ``c`` then uses ``s * 2^(alpha_c - (levels - 1))`` with alpha_c in [0, levels),
     chosen to minimise that channel's squared error over all calibration values (a per-channel
-    streaming histogram: the observer's own when it keeps one). The zero point is shared, so the integer
-    LayerNorm only needs bit shifts to bring every channel to one scale.
+    streaming histogram: the observer's own when it keeps one). The zero point is shared (FQ-ViT), so the
+    integer LayerNorm only needs bit shifts to bring every channel to one scale; with
+    ``ptf_channel_zero_points`` each channel has its own, subtracted before the shift.
     """
 
     def __init__(self, spec: QuantizerSpec, method: QuantMethod, channel_axis: int, observer: Observer) -> None:
@@ -71,20 +72,28 @@ class PowerOfTwoFactor:
         lo, hi = self.observer.compute_range()
         return self.method.qparams(lo.min(), hi.max(), self.spec.bit_type)
 
-    def factors(self, base_scale: Tensor, zero_point: Tensor) -> Tensor:
-        """Exponents alpha_c (C,), as integers in a float tensor."""
+    def candidates(self, base_scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor]:
+        """Every channel's candidate grids: scales ``s * 2^(k - levels + 1)`` and zero points, both (levels, C).
+
+        The zero point is the shared one, or with ``ptf_channel_zero_points`` the code that puts the
+        middle of each channel's observed range at the middle of the integer range at that scale.
+        """
         levels = self.spec.ptf_levels
         k = torch.arange(levels, device=base_scale.device, dtype=torch.float32)
         channels = self.hist.counts.shape[0]
         scales = (base_scale * torch.exp2(k - (levels - 1)))[:, None].expand(levels, channels)
-        zps = zero_point.reshape(1, 1).expand(levels, channels).to(scales)
-        errors = histogram_sq_error(self.hist, self.method, self.spec.bit_type, scales, zps)  # (levels, C)
-        # Ties (e.g. an all-zero channel) go to the largest factor, i.e. no extra clipping.
-        return (levels - 1) - errors.flip(0).argmin(dim=0).float()
+        if not self.spec.ptf_channel_zero_points:
+            return scales, zero_point.reshape(1, 1).expand(levels, channels).to(scales)
+        bt = self.spec.bit_type
+        lo, hi = self.observer.compute_range()
+        middle = ((lo.float() + hi.float()) / 2).reshape(1, channels)
+        return scales, torch.round((bt.qmin + bt.qmax) / 2 - middle / scales).clamp_(bt.qmin, bt.qmax)
 
     def channel_qparams(self) -> tuple[Tensor, Tensor]:
-        """Per-channel scales s * 2^(alpha_c - levels + 1) and the shared zero point, both (C,)."""
+        """Per-channel scales s * 2^(alpha_c - levels + 1) and zero points (shared or per channel), both (C,)."""
         base_scale, zero_point = self.base_qparams()
-        levels = self.spec.ptf_levels
-        scales = base_scale * torch.exp2(self.factors(base_scale, zero_point) - (levels - 1))
-        return scales, zero_point.expand_as(scales)
+        scales, zps = self.candidates(base_scale, zero_point)
+        errors = histogram_sq_error(self.hist, self.method, self.spec.bit_type, scales, zps)  # (levels, C)
+        # Ties (e.g. an all-zero channel) go to the largest factor, i.e. no extra clipping.
+        alpha = (errors.shape[0] - 1) - errors.flip(0).argmin(dim=0, keepdim=True)
+        return scales.gather(0, alpha)[0], zps.gather(0, alpha)[0]
