@@ -36,6 +36,8 @@ def test_shipped_recipes_load():
         ("attention.calibration_mode", "channel_wise", "meaningless for the attention map"),
         ("activation.power_of_two_factor", True, "applies only to layernorm_input"),
         ("layernorm_input.calibration_mode", "layer_wise", "needs calibration_mode: channel_wise"),
+        ("activation.ptf_channel_zero_points", True, "x.yaml.activation.ptf_channel_zero_points needs power_of_two_factor: true"),
+        ("layernorm_input.ptf_channel_zero_points", 1, "ptf_channel_zero_points must be"),
         ("activation.percentile", 1.5, "percentile must be in"),
         ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
         ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),
@@ -123,6 +125,8 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
+    assert full6.reconstruction is not None and full6.layernorm_input.ptf_channel_zero_points
+    assert load_recipe("fqvit_plus_w8a8").layernorm_input.ptf_channel_zero_points
     assert full6.layers == w6.layers == {"*blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
     w4a4 = load_recipe("fqvit_plus_w4a4")  # 4 bits but for the residual stream at its LayerNorms
     assert {w4a4.weight.bit_type.bits, w4a4.activation.bit_type.bits, w4a4.attention.bit_type.bits} == {4} and w4a4.layernorm_input.bit_type.bits == 8
