@@ -160,11 +160,16 @@ class QuantizerSpec:
             raise ConfigError(f"{where}: the {self.quantizer} quantizer has one scale per tensor; use calibration_mode: layer_wise")
         if kind == "weight" and self.quantizer != "uniform":
             raise ConfigError(f"{where}.quantizer must be uniform")
+        # twin_uniform's signed form splits GELU outputs by sign; its unsigned form is PTQ4ViT's post-softmax
+        # grid. Each is refused on the other's tensor: unsigned would clamp GELU's negative values to 0.
         if self.quantizer == "twin_uniform":
-            if not self.bit_type.symmetric:
-                raise ConfigError(f"{where}: the twin_uniform quantizer uses signed codes (the sign picks the region); set bit_type.symmetric: true")
-            if kind == "attention":
-                raise ConfigError(f"{where}: twin_uniform splits by sign and the attention map is non-negative; use log2 or log_sqrt2")
+            if kind == "attention" and self.bit_type.symmetric:
+                raise ConfigError(f"{where}: on the non-negative attention map twin_uniform is the unsigned post-softmax grid; set bit_type.symmetric: false")
+            if kind != "attention" and not self.bit_type.symmetric:
+                raise ConfigError(
+                    f"{where}: the twin_uniform quantizer uses signed codes (the sign picks the region); set bit_type.symmetric: true "
+                    "(the unsigned form is for the attention map only)"
+                )
         if self.power_of_two_factor:
             if kind != "layernorm_input":
                 raise ConfigError(f"{where}.power_of_two_factor applies only to layernorm_input (FQ-ViT PTF), not to {kind}")

@@ -42,7 +42,6 @@ def test_shipped_recipes_load():
         ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
         ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),
         ("activation.quantizer", "twin_uniform", "twin_uniform quantizer uses signed codes"),
-        ("attention.quantizer", "twin_uniform", "twin_uniform quantizer uses signed codes"),
         ("weight.quantizer", "twin_uniform", "x.yaml.weight.quantizer must be uniform"),
     ],
 )
@@ -149,8 +148,13 @@ def test_layers_section_is_checked_at_load():
     assert recipe.layer_spec("weight", None, "w") is None
     eight = recipe.layer_spec("weight", {"bit_type": {"bits": 4}}, "w")
     assert eight.bit_type.name == "int4" and eight.calibration_mode == "channel_wise"  # the rest is the kind's
-    with pytest.raises(ConfigError, match="twin_uniform splits by sign"):
+    # twin_uniform: signed on activations (GELU's sign picks the region), unsigned on the attention map.
+    with pytest.raises(ConfigError, match="on the non-negative attention map twin_uniform is the unsigned post-softmax grid"):
         recipe.layer_spec("attention", {"quantizer": "twin_uniform", "bit_type": {"symmetric": True}}, "w")
+    with pytest.raises(ConfigError, match="uses signed codes.*the unsigned form is for the attention map only"):
+        recipe.layer_spec("activation", {"quantizer": "twin_uniform", "bit_type": {"symmetric": False}}, "w")
+    softmax_twin = recipe.layer_spec("attention", {"quantizer": "twin_uniform", "bit_type": {"bits": 8}}, "w")
+    assert softmax_twin.quantizer == "twin_uniform" and softmax_twin.bit_type.name == "uint8"
     for layers, message in [
         ({"fc2": {"obsrver": "kl"}}, r"x.yaml.layers\['fc2'\]: unknown key 'obsrver'"),
         ({"fc2": {"bit_type": {"bits": 1}}}, "bits must be an integer from 2 to 16"),

@@ -75,8 +75,10 @@ def clipped_fraction(qz, x: torch.Tensor) -> float:
         return float(((x.abs() > scale * math.sqrt(2)) | ((x != 0) & (x.abs() < smallest))).sum()) / x.numel()
     zp = qz.zero_point.float().view(scale.shape) if qz.zero_point.dim() == 1 else qz.zero_point.float()
     if qz.spec.quantizer == "twin_uniform":
-        # Saturated: beyond half a step past the last level of its sign's region (negative step scale * 2^-m).
-        return float(((x < (bt.qmin - 0.5) * scale * 2.0**-zp) | (x > (bt.qmax + 0.5) * scale)).sum()) / x.numel()
+        # Saturated: beyond half a step past the last level of its sign's region (negative step scale * 2^-m);
+        # the unsigned (post-softmax) form's lowest level is 0 and its highest (2^(b-1) - 1) * scale.
+        top, bottom = 2 ** (bt.bits - 1) - 1, (bt.qmin if bt.symmetric else 0)
+        return float(((x < (bottom - 0.5) * scale * 2.0**-zp) | (x > (top + 0.5) * scale)).sum()) / x.numel()
     # Saturated: x / scale + zero point rounds outside [qmin, qmax].
     return float(((x < (bt.qmin - zp - 0.5) * scale) | (x > (bt.qmax - zp + 0.5) * scale)).sum()) / x.numel()
 
@@ -110,11 +112,14 @@ def kl(p: np.ndarray, q: np.ndarray, per_cell: int) -> float:
 
 
 TWIN_FC2 = {"layers": {"blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"symmetric": True, "bits": 6}}}}
+TWIN_ATTN = {"layers": {"*softmax.output_quant": {"quantizer": "twin_uniform"}}}
 
 
 @pytest.mark.parametrize("recipe,overrides,swin", [("fqvit_w8a8_att8", {}, False), ("fqvit_w8a8_att4", {}, False), ("minmax_w8a8", {}, False),
-                                                   ("minmax_w8a8", TWIN_FC2, False), ("fqvit_w8a8_att4", {}, True)],
-                         ids=["fqvit_w8a8_att8", "fqvit_w8a8_att4", "minmax_w8a8", "minmax_w8a8-twin_fc2", "swin-fqvit_w8a8_att4"])  # fmt: skip
+                                                   ("minmax_w8a8", TWIN_FC2, False), ("fqvit_w8a8_att8", TWIN_ATTN, False),
+                                                   ("fqvit_w8a8_att4", {}, True)],
+                         ids=["fqvit_w8a8_att8", "fqvit_w8a8_att4", "minmax_w8a8", "minmax_w8a8-twin_fc2", "fqvit_w8a8_att8-twin_attn",
+                              "swin-fqvit_w8a8_att4"])  # fmt: skip
 def test_statistics_match_direct_computation(recipe, overrides, swin):
     size = SWIN_SIZE if swin else 32
     qvit = calibrated(recipe, model=make_tiny_swin() if swin else None, size=size, **overrides)
@@ -165,7 +170,8 @@ def test_statistics_match_direct_computation(recipe, overrides, swin):
             # Saturation is exactly what makes the error exceed rounding's half step.
             step = qz.scale.view([-1 if d == qz.channel_axis % ref.dim() else 1 for d in range(ref.dim())]) if qz.per_channel else qz.scale
             if qz.spec.quantizer == "twin_uniform":
-                step = torch.where(ref < 0, step * 2.0 ** -qz.zero_point, step)
+                fine = ref < 0 if qz.spec.bit_type.symmetric else ref < (2 ** (qz.spec.bit_type.bits - 1) - 0.5) * step * 2.0**-qz.zero_point
+                step = torch.where(fine, step * 2.0 ** -qz.zero_point, step)
             beyond = ((ref - alone).abs() > step * (0.5 + 1e-4)).double().mean()
             assert row.iso_clipped_fraction == pytest.approx(float(beyond), abs=1e-3), name
 

@@ -173,6 +173,42 @@ def test_twin_uniform_trades_positive_for_negative_resolution(bits):
     assert 3 < twin_err[~neg].mean() / uni_err[~neg].mean() < 5
 
 
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_unsigned_twin_uniform_is_nearest_level_of_both_grids(bits):
+    """PTQ4ViT's post-softmax twin grid: every value goes to the nearest of the 2^(b-1) fine levels
+    c * s * 2^-m and the 2^(b-1) coarse levels c * s (brute force over the enumerated levels)."""
+    probs = torch.softmax(torch.randn(64, 197, generator=torch.Generator().manual_seed(bits)) * 3, dim=-1).reshape(-1)
+    bt = BitTypeConfig(bits, False, f"uint{bits}")
+    method = TwinUniformQuantizer()
+    scale, shift = method.qparams(probs.min(), probs.max(), bt)
+    half = 2 ** (bits - 1)
+    assert shift.item() == min(TwinUniformQuantizer.POSITIVE_SHIFT, bits - 1)
+    assert scale.item() == pytest.approx(probs.max().item() / (half - 1), rel=1e-6)
+    fine = scale.double() * 2.0 ** -shift.double()
+    levels = torch.cat([torch.arange(half) * fine, torch.arange(half) * scale.double()])
+    nearest = levels[(probs.double()[:, None] - levels[None, :]).abs().argmin(dim=1)]
+    out = method.fake_quant(probs, scale, shift, bt)
+    torch.testing.assert_close(out.double(), nearest, rtol=0, atol=1e-7)
+    assert torch.equal(method.fake_quant(probs, scale.item(), float(shift), bt), out)  # float parameters: same
+    assert torch.equal(method.fake_quant(levels.float(), scale, shift, bt), levels.float())  # levels round-trip
+    lo_bound, hi_bound = method.grid_bounds(scale, shift, bt)
+    assert lo_bound.item() == 0 and hi_bound.item() == pytest.approx(probs.max().item(), rel=1e-6)
+    assert method.level_step(scale, shift).item() == pytest.approx(fine.item(), rel=1e-6)
+
+
+def test_unsigned_twin_uniform_beats_one_uniform_grid_on_attention_maps():
+    """At 8 bits the small probabilities (most of an attention map) get a 2^m-times finer step, the peaks
+    a step about twice as wide as one uniform grid's: the squared error overall falls."""
+    probs = torch.softmax(torch.randn(64, 197, generator=torch.Generator().manual_seed(0)) * 3, dim=-1).reshape(-1)
+    bt = BitTypeConfig(8, False, "uint8")
+    twin, uni = TwinUniformQuantizer(), UniformQuantizer()
+    twin_err = (twin.fake_quant(probs, *twin.qparams(probs.min(), probs.max(), bt), bt) - probs).square()
+    uni_err = (uni.fake_quant(probs, *uni.qparams(probs.min(), probs.max(), bt), bt) - probs).square()
+    small = probs < probs.max() / 2**TwinUniformQuantizer.POSITIVE_SHIFT
+    assert twin_err[small].mean() < uni_err[small].mean() / 100
+    assert twin_err.mean() < uni_err.mean() / 2
+
+
 def test_build_quantizer_lists_valid_names():
     with pytest.raises(ValueError, match="log2, log_sqrt2, twin_uniform, uniform"):
         build_quantizer("nope")
