@@ -1,6 +1,8 @@
 """Recipes: shipped files load, every invalid value is refused with a clear message."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,7 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     from models.ptq.tensor_quantizer import TensorQuantizer
     from models.quant_vit import QVit
 
-    plus = ("fqvit_plus_w8a8", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8", "fqvit_plus_w4a4", "fqvit_plus_w4a8", "fqvit_plus_w4a8_mp")
+    plus = ("fqvit_plus_w8a8", "fqvit_plus_w8a8_r10", "fqvit_plus_w6a6", "fqvit_plus_w6a6_r8", "fqvit_plus_w4a4", "fqvit_plus_w4a8", "fqvit_plus_w4a8_mp")
     for name in plus:
         recipe = load_recipe(name)
         # Every kind quantized: weights, activations, the residual stream at the LayerNorms, the attention map,
@@ -115,10 +117,17 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
         points = {n: m for n, m in QVit(make_tiny_vit(), recipe).model.named_modules() if isinstance(m, TensorQuantizer)}
         floats = [n for n, q in points.items() if q.spec is None and not (n.endswith("softmax.input_quant") and not recipe.integer_softmax)]
         assert not floats, (name, floats)
-    for name in plus[:4]:
+    for name in plus[:5]:
         recipe = load_recipe(name)
         assert recipe.reparam is not None and recipe.scale_search is not None and recipe.scale_search.metric == "fisher"
-    assert load_recipe("fqvit_plus_w8a8").integer_softmax
+    w8, w8r10 = load_recipe("fqvit_plus_w8a8"), load_recipe("fqvit_plus_w8a8_r10")
+    assert w8.integer_softmax
+    # The attention map on the unsigned (post-softmax) twin grid, at the recipe's 8 bits.
+    maps = [q for q in QVit(make_tiny_vit(), w8).quantizers().values() if q.kind == "attention"]
+    assert maps and all(q.spec.quantizer == "twin_uniform" and q.spec.bit_type.name == "uint8" for q in maps)
+    # _r10 is fqvit_plus_w8a8 with only the residual stream at its LayerNorms wider.
+    assert w8r10.layernorm_input.bit_type.bits == 10 and w8.layernorm_input.bit_type.bits == 8
+    assert dataclasses.replace(w8r10, name=w8.name, description=w8.description, layernorm_input=w8.layernorm_input) == w8
     w6 = load_recipe("fqvit_plus_w6a6_r8")
     assert {w6.weight.bit_type.bits, w6.activation.bit_type.bits, w6.attention.bit_type.bits} == {6}
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
