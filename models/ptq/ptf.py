@@ -67,16 +67,18 @@ class PowerOfTwoFactor:
         if not self._shares_histogram:
             self._hist.synchronize()
 
-    def base_qparams(self) -> tuple[Tensor, Tensor]:
-        """Scale and zero point of the grid that covers every channel's observed range."""
-        lo, hi = self.observer.compute_range()
+    def base_qparams(self, ranges: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Scale and zero point of the grid that covers every channel's observed range (``ranges``: the
+        observer's per-channel ``(lo, hi)`` when the caller already has them)."""
+        lo, hi = ranges if ranges is not None else self.observer.compute_range()
         return self.method.qparams(lo.min(), hi.max(), self.spec.bit_type)
 
-    def candidates(self, base_scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor]:
+    def candidates(self, base_scale: Tensor, zero_point: Tensor, ranges: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Every channel's candidate grids: scales ``s * 2^(k - levels + 1)`` and zero points, both (levels, C).
 
         The zero point is the shared one, or with ``ptf_channel_zero_points`` the code that puts the
-        middle of each channel's observed range at the middle of the integer range at that scale.
+        middle of each channel's observed range (``ranges``: per-channel ``(lo, hi)``) at the middle of
+        the integer range at that scale.
         """
         levels = self.spec.ptf_levels
         k = torch.arange(levels, device=base_scale.device, dtype=torch.float32)
@@ -85,14 +87,16 @@ class PowerOfTwoFactor:
         if not self.spec.ptf_channel_zero_points:
             return scales, zero_point.reshape(1, 1).expand(levels, channels).to(scales)
         bt = self.spec.bit_type
-        lo, hi = self.observer.compute_range()
+        lo, hi = ranges
         middle = ((lo.float() + hi.float()) / 2).reshape(1, channels)
         return scales, torch.round((bt.qmin + bt.qmax) / 2 - middle / scales).clamp_(bt.qmin, bt.qmax)
 
     def channel_qparams(self) -> tuple[Tensor, Tensor]:
         """Per-channel scales s * 2^(alpha_c - levels + 1) and zero points (shared or per channel), both (C,)."""
-        base_scale, zero_point = self.base_qparams()
-        scales, zps = self.candidates(base_scale, zero_point)
+        # Read once: a histogram observer's per-channel range is a search over its bins.
+        ranges = self.observer.compute_range()
+        base_scale, zero_point = self.base_qparams(ranges)
+        scales, zps = self.candidates(base_scale, zero_point, ranges)
         errors = histogram_sq_error(self.hist, self.method, self.spec.bit_type, scales, zps)  # (levels, C)
         # Ties (e.g. an all-zero channel) go to the largest factor, i.e. no extra clipping.
         alpha = (errors.shape[0] - 1) - errors.flip(0).argmin(dim=0, keepdim=True)

@@ -160,25 +160,30 @@ class TwinUniformQuantizer(QuantMethod):
     # other (5 and 6 the best).
     POSITIVE_SHIFT = 5
 
+    @staticmethod
+    def region_top(bit_type: BitTypeConfig) -> int:
+        """Each region's largest code magnitude: a region has half of the ``2^b`` codes."""
+        return 2 ** (bit_type.bits - 1) - 1
+
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
-        half = 2 ** (bit_type.bits - 1)
-        scale = (hi.float().clamp(min=0.0) / (half - 1)).clamp_min(SCALE_EPS)
+        top = self.region_top(bit_type)
+        scale = (hi.float().clamp(min=0.0) / top).clamp_min(SCALE_EPS)
         if not bit_type.symmetric:
             return scale, torch.full_like(scale, float(min(self.POSITIVE_SHIFT, bit_type.bits - 1)))
         neg = (-lo.float()).clamp(min=SCALE_EPS)
-        # Largest m with half * scale * 2^-m >= |lo|.
-        shift = torch.floor(torch.log2(half * scale / neg)).clamp_(-self.MAX_SHIFT, self.MAX_SHIFT)
+        # Largest m with 2^(b-1) * scale * 2^-m >= |lo|.
+        shift = torch.floor(torch.log2((top + 1) * scale / neg)).clamp_(-self.MAX_SHIFT, self.MAX_SHIFT)
         return scale, shift
 
     @staticmethod
-    def negative_step(scale: Number, shift: Number) -> Number:
-        """The fine region's step ``scale * 2^-m`` (negative values; the low region of the unsigned form);
-        ``m`` is carried in the zero-point slot."""
+    def fine_step(scale: Number, shift: Number) -> Number:
+        """The fine region's step ``scale * 2^-m`` (the negative values, or the unsigned form's low
+        region); ``m`` is carried in the zero-point slot."""
         return scale * 2.0 ** (-shift) if isinstance(shift, float) else scale * torch.exp2(-shift)
 
     def fake_quant(self, x: Tensor, scale: Number, zero_point: Number, bit_type: BitTypeConfig) -> Tensor:
-        fine_scale = self.negative_step(scale, zero_point)
-        top = 2 ** (bit_type.bits - 1) - 1
+        fine_scale = self.fine_step(scale, zero_point)
+        top = self.region_top(bit_type)
         if not bit_type.symmetric:
             # Nearest level of the union: the fine grid up to its last level, the coarse one beyond (with
             # m <= b - 1 the coarse levels continue the fine ones, so this is round-to-nearest).
@@ -190,13 +195,11 @@ class TwinUniformQuantizer(QuantMethod):
         return positive.add_(x.div(fine_scale).round_().clamp_(bit_type.qmin, 0.0).mul_(fine_scale))
 
     def grid_bounds(self, scale: Number, zero_point: Number, bit_type: BitTypeConfig, margin: float = 0.0) -> tuple[Number, Number]:
-        top = 2 ** (bit_type.bits - 1) - 1 + margin
-        if not bit_type.symmetric:
-            return -margin * self.negative_step(scale, zero_point), top * scale
-        return (bit_type.qmin - margin) * self.negative_step(scale, zero_point), top * scale
+        lowest = bit_type.qmin if bit_type.symmetric else 0
+        return (lowest - margin) * self.fine_step(scale, zero_point), (self.region_top(bit_type) + margin) * scale
 
     def level_step(self, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return torch.minimum(scale, self.negative_step(scale, zero_point))
+        return torch.minimum(scale, self.fine_step(scale, zero_point))
 
 
 QUANTIZERS: dict[str, type[QuantMethod]] = {
