@@ -10,7 +10,8 @@ A recipe says, for each *kind* of tensor in a Vision Transformer, how it is quan
 ``attention``        the softmax output, i.e. the attention map (log2 for log-int-softmax, Sec. 3.3).
 
 A kind set to ``null`` stays in floating point. ``reparam`` (optional) reparameterizes the LayerNorm
-outputs channel by channel before calibration (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
+outputs (and, with ``mlp_alpha``, each MLP's GELU output) channel by channel before calibration
+(:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
 ``gptq`` (optional) rounds every Linear and patch-embedding weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
 ``reconstruction`` (optional) learns each weight's rounding block by block from the block's output
@@ -188,15 +189,20 @@ class ReparamSpec:
     ``alpha`` is the migration strength: each channel is divided by ``a^alpha / w^(1 - alpha)`` (a: its
     calibrated half-range, w: the largest weight that reads it), so 1 equalizes the activation channels
     (RepQ-ViT) and 0.5 balances activations and weights (SmoothQuant). ``shift`` centres every channel
-    on its calibrated range first.
+    on its calibrated range first. ``mlp_alpha`` (null: off) migrates each MLP's GELU output into its
+    fc2 the same way, at its own strength and without a shift: the division stays in the graph after
+    the GELU, the factors go into fc2's input columns.
     """
 
     alpha: float = 0.5
     shift: bool = True
+    mlp_alpha: float | None = None
 
     def validate(self, where: str) -> None:
         _check_number(f"{where}.alpha", self.alpha, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
         _check_bool(f"{where}.shift", self.shift)
+        if self.mlp_alpha is not None:
+            _check_number(f"{where}.mlp_alpha", self.mlp_alpha, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1 (or null: off)")
 
 
 @dataclass(frozen=True)

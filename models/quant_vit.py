@@ -19,10 +19,11 @@ Modes are switched on the model, not per layer::
 The calibrated scales are buffers: ``qvit.state_dict()`` saves them and ``load_state_dict`` restores a
 calibrated model without calibration data.
 
-A recipe with ``reparam`` first folds per-channel factors into each LayerNorm and the Linear after it
-(:mod:`models.ptq.reparam`), from one pass over the calibration images before calibration proper::
+A recipe with ``reparam`` first folds per-channel factors into each LayerNorm (with ``mlp_alpha``, each
+MLP's GELU) and the Linear after it (:mod:`models.ptq.reparam`), from one pass over the calibration
+images before calibration proper::
 
-    with qvit.reparameterizing():     # FP32, records the LayerNorm output ranges; folds on exit
+    with qvit.reparameterizing():     # FP32, records the LayerNorm (GELU) output ranges; folds on exit
         for images in loader:
             qvit(images)
     with qvit.calibrating(): ...
@@ -53,7 +54,7 @@ from models.ptq.collectives import gather_batches, is_distributed
 from models.ptq.layers import QuantConv2d, QuantLinear
 from models.ptq.registry import QUANT_MODULES, convert_module
 from models.ptq.reconstruction import reconstruct_block, too_few_images_per_step
-from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_layernorm_outputs
+from models.ptq.reparam import ReparamFactors, activation_linear_pairs, apply_factors, compute_factors, observe_linear_inputs, reparam_pairs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import ConfigError, QuantRecipe
@@ -108,7 +109,7 @@ class QVit(nn.Module):
         self.reparam_factors: ReparamFactors = {}  # folded into the weights; saved with the calibrated state
         self._ranges_fixed = False  # observing_ranges() ran: the next calibrating() keeps its histogram bins
         self.searched_ratios: dict[str, float] = {}  # scale ratios chosen by searching_scales()
-        self._reparam_observers: dict = {}  # LayerNorm path -> its output's observer, during reparameterizing()
+        self._reparam_observers: dict = {}  # LayerNorm / MLP activation path -> its output's observer, during reparameterizing()
         self._convert()
         self._apply_layer_specs()
         for name, quantizer in self.model.named_modules():
@@ -173,12 +174,15 @@ class QVit(nn.Module):
 
     @contextlib.contextmanager
     def reparameterizing(self) -> Iterator["QVit"]:
-        """Run FP32 and record each LayerNorm output's channel ranges; on a clean exit fold the recipe's factors."""
+        """Run FP32 and record the channel ranges of each LayerNorm output (and, with ``mlp_alpha``, each
+        MLP's GELU output); on a clean exit fold the recipe's factors."""
         if self.recipe.reparam is None:
             raise RuntimeError(f"recipe {self.recipe.name} has no reparam section")
         if self.reparam_factors:
             raise RuntimeError("the model is already reparameterized")
-        with self._mode(QuantMode.FP32), observe_layernorm_outputs(self.model) as observers:
+        if self.recipe.reparam.mlp_alpha is not None and not activation_linear_pairs(self.model):
+            raise ConfigError(f"{self.recipe.name}.reparam.mlp_alpha: {type(self.model).__name__} has no MLP whose GELU feeds its fc2")
+        with self._mode(QuantMode.FP32), observe_linear_inputs(reparam_pairs(self.model, self.recipe.reparam)) as observers:
             self._reparam_observers = observers  # their running ranges take part in the non-finite check
             try:
                 yield self
@@ -193,7 +197,7 @@ class QVit(nn.Module):
 
     @torch.no_grad()
     def apply_reparam(self, factors: ReparamFactors) -> None:
-        """Fold per-LayerNorm (shift, scale) factors into the weights (calibrated-file loading replays them)."""
+        """Fold per-channel (shift, scale) factors into the weights (calibrated-file loading replays them)."""
         if self.reparam_factors:
             raise RuntimeError("the model is already reparameterized")
         apply_factors(self.model, factors)
@@ -384,7 +388,7 @@ class QVit(nn.Module):
 
     def first_non_finite_point(self) -> str | None:
         """The first point, in model order, whose running minimum or maximum is NaN or infinite (during
-        the reparameterization pass: the LayerNorm output it observes, ``blocks.0.norm1.output``)."""
+        the reparameterization pass: the LayerNorm or GELU output it observes, ``blocks.0.norm1.output``)."""
         for name, observer in self._reparam_observers.items():
             if any(not bool(t.isfinite().all()) for t in observer.running_extremes()):
                 return f"{name}.output"

@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 # cpu_int8 with its attention map quantized too, on a uint8 grid: a softmax output's zero point is 0.
 UINT8_ATTENTION = {"attention": {"bit_type": {"bits": 8, "symmetric": False}, "observer": "minmax", "calibration_mode": "layer_wise", "quantizer": "uniform"},
                    "layers": {"blocks.*.mlp.fc2.input_quant": {"bit_type": {"bits": 8, "symmetric": False}}}}  # fmt: skip
+MLP_SMOOTHING = {"reparam": {"alpha": 1.0, "mlp_alpha": 0.5}}  # a Div after each GELU, in front of fc2's QuantizeLinear
 RUNTIMES = ["ort", pytest.param("openvino", marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]
 
 
@@ -124,7 +125,8 @@ def test_simplifiers_keep_int8_weights_and_adjacent_pairs(tmp_path, tool):
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("recipe,overrides", [("trt_int8", {}), ("cpu_int8", {}), ("cpu_int8", UINT8_ATTENTION)], ids=["trt_int8", "cpu_int8", "uint8_attention"])
+@pytest.mark.parametrize("recipe,overrides", [("trt_int8", {}), ("cpu_int8", {}), ("cpu_int8", UINT8_ATTENTION), ("trt_int8", MLP_SMOOTHING)],
+                         ids=["trt_int8", "cpu_int8", "uint8_attention", "mlp_smoothing"])  # fmt: skip
 def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, overrides, runtime):
     from utils.runtimes import load_model, save_deployed
 

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from conftest import calibrated, tiny_images
-from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear, SmoothedGELU
 from models.ptq.registry import QUANT_MODULES, convert_module, register
 from models.ptq.tensor_quantizer import QuantState
 
@@ -121,7 +121,12 @@ def test_registry_maps_each_float_class_and_refuses_a_second_entry():
     linear = nn.Linear(4, 3)
     assert convert_module(linear, state, load_recipe("trt_int8")) and type(linear) is QuantLinear
     assert linear.weight_quant.is_weight and not linear.input_quant.is_weight
-    gelu = nn.GELU()
-    assert not convert_module(gelu, QuantState(), load_recipe("trt_int8")) and type(gelu) is nn.GELU
+    relu = nn.ReLU()
+    assert not convert_module(relu, QuantState(), load_recipe("trt_int8")) and type(relu) is nn.ReLU
+    gelu, x = nn.GELU(), torch.randn(5, 7)
+    expected = gelu(x)
+    # The MLP activation becomes a GELU that can carry SmoothQuant's division; without factors it is GELU.
+    assert convert_module(gelu, QuantState(), load_recipe("trt_int8")) and type(gelu) is SmoothedGELU
+    assert torch.equal(gelu(x), expected) and not gelu.state_dict()
     with pytest.raises(ValueError, match="Linear already has a quantized counterpart"):
         register(nn.Linear)(lambda module, state, recipe: module)

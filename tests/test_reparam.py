@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_vit, tiny_images
-from models.ptq.reparam import layernorm_linear_pairs, observe_layernorm_outputs
+from models.ptq.reparam import activation_linear_pairs, apply_factors, layernorm_linear_pairs, observe_linear_inputs
 from models.quant_vit import QVit
 from quant_config import ConfigError, load_recipe
 from utils.checkpoint import load_calibrated, read_calibrated, save_calibrated, weights_sha256
@@ -29,35 +29,73 @@ def outlier_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
     return model
 
 
+def gelu_outlier_vit(seed: int = 0) -> torch.nn.Module:
+    """outlier_vit whose MLP hidden activations have a few channels far wider than the rest (as the
+    post-GELU fc2 inputs of a trained ViT do)."""
+    model = outlier_vit(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc1.weight[:4] *= 10.0
+            block.mlp.fc1.bias[:4] += 2.0
+    return model
+
+
 def images() -> list[torch.Tensor]:
     return [tiny_images(8, seed=10 + i) for i in range(3)]
 
 
-def reparameterized(alpha: float, shift: bool = True, model=None) -> QVit:
-    qvit = QVit(model if model is not None else outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": alpha, "shift": shift}}))
+def reparameterized(alpha: float, shift: bool = True, model=None, mlp_alpha: float | None = None) -> QVit:
+    reparam = {"alpha": alpha, "shift": shift, "mlp_alpha": mlp_alpha}
+    qvit = QVit(model if model is not None else outlier_vit(), load_recipe("trt_int8", {"reparam": reparam}))
     with torch.no_grad(), qvit.reparameterizing():
         for x in images():
             qvit(x)
     return qvit
 
 
-def ranges(qvit: QVit) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    with torch.no_grad(), qvit.fp32(), observe_layernorm_outputs(qvit.model) as seen:
+def ranges(qvit: QVit, pairs=layernorm_linear_pairs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    with torch.no_grad(), qvit.fp32(), observe_linear_inputs(pairs(qvit.model)) as seen:
         for x in images():
             qvit(x)
     return {name: observer.compute_range() for name, observer in seen.items()}
 
 
-@pytest.mark.parametrize("alpha,shift", [(0.0, True), (0.5, True), (1.0, True), (0.7, False)])
-def test_fp32_output_is_unchanged(alpha, shift):
-    reference = QVit(outlier_vit(), load_recipe("trt_int8"))
-    qvit = reparameterized(alpha, shift)
-    assert set(qvit.reparam_factors) == {f"blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}
+@pytest.mark.parametrize("alpha,shift,mlp_alpha", [(0.0, True, None), (0.5, True, None), (1.0, True, None), (0.7, False, None),
+                                                    (1.0, True, 0.0), (1.0, True, 0.5), (0.5, False, 1.0)])  # fmt: skip
+def test_fp32_output_is_unchanged(alpha, shift, mlp_alpha):
+    reference = QVit(gelu_outlier_vit(), load_recipe("trt_int8"))
+    qvit = reparameterized(alpha, shift, gelu_outlier_vit(), mlp_alpha)
+    activations = {f"blocks.{i}.mlp.act" for i in range(2)} if mlp_alpha is not None else set()
+    assert set(qvit.reparam_factors) == {f"blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)} | activations
     x = tiny_images(8, seed=3)
     with torch.no_grad(), reference.fp32(), qvit.fp32():
         expected, actual = reference(x), qvit(x)
     assert not torch.equal(qvit.model.blocks[0].attn.qkv.weight, reference.model.blocks[0].attn.qkv.weight)
+    fc2_changed = not torch.equal(qvit.model.blocks[0].mlp.fc2.weight, reference.model.blocks[0].mlp.fc2.weight)
+    assert fc2_changed == (mlp_alpha is not None)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_mlp_alpha_half_balances_the_gelu_outputs_against_fc2_columns():
+    before = ranges(QVit(gelu_outlier_vit(), load_recipe("trt_int8")), activation_linear_pairs)
+    qvit = reparameterized(1.0, model=gelu_outlier_vit(), mlp_alpha=0.5)
+    pairs = activation_linear_pairs(qvit.model)
+    for name, (lo, hi) in ranges(qvit, activation_linear_pairs).items():
+        activation = torch.maximum(lo.abs(), hi.abs())
+        weight = pairs[name][1].weight.detach().abs().amax(dim=0)
+        ratio = activation / weight
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=0)
+        lo0, hi0 = before[name]
+        width0 = torch.maximum(lo0.abs(), hi0.abs())
+        assert width0.max() / width0.median() > 10  # wide channels to start with
+        assert activation.max() / activation.median() < 0.5 * width0.max() / width0.median()
+
+
+def test_mlp_alpha_needs_a_gelu_before_fc2():
+    qvit = QVit(make_tiny_vit(act_layer=torch.nn.ReLU), load_recipe("trt_int8", {"reparam": {"alpha": 1.0, "mlp_alpha": 0.5}}))
+    with pytest.raises(ConfigError, match=r"reparam.mlp_alpha: VisionTransformer has no MLP whose GELU feeds its fc2"):
+        with qvit.reparameterizing():
+            pass
 
 
 def test_linear_without_bias_gets_one_for_the_shift():
@@ -93,10 +131,10 @@ def test_alpha_half_balances_activation_and_weight_ranges():
         torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=0)
 
 
-def linear_output_error(qvit: QVit) -> float:
-    """Relative squared error of every post-LayerNorm Linear's output, its input and weight quantized."""
+def linear_output_error(qvit: QVit, pair_kind=layernorm_linear_pairs) -> float:
+    """Relative squared error of every post-LayerNorm (or post-GELU) Linear's output, its input and weight quantized."""
     inputs = {}
-    pairs = layernorm_linear_pairs(qvit.model)
+    pairs = pair_kind(qvit.model)
     handles = [linear.register_forward_pre_hook(lambda m, args, n=name: inputs.setdefault(n, args[0])) for name, (_, linear) in pairs.items()]
     with torch.no_grad(), qvit.fp32():
         qvit(tiny_images(16, seed=4))
@@ -124,6 +162,31 @@ def test_reparameterization_lowers_the_quantization_error_of_outlier_channels():
     assert linear_output_error(reparam) < 0.5 * linear_output_error(plain)
 
 
+# At 4 bits the weights, which take half of the spread at alpha 0.5, give back part of the gain (10x at 8 bits, 2x at 4).
+@pytest.mark.parametrize("bits,bound", [(8, 0.2), (4, 0.6)])
+def test_mlp_migration_lowers_the_fc2_error_of_wide_gelu_channels(bits, bound):
+    overrides = {"activation.observer": "minmax", "attention.observer": "minmax", "activation.bit_type.bits": bits,
+                 "weight.bit_type.bits": bits}  # fmt: skip
+    batches = [(x, None, 0) for x in images()]
+    errors = {}
+    for mlp_alpha in (None, 0.5):
+        qvit = QVit(gelu_outlier_vit(), load_recipe("trt_int8", {**overrides, "reparam": {"alpha": 1.0, "mlp_alpha": mlp_alpha}}))
+        calibrate(qvit, batches, CPU, progress=False)
+        errors[mlp_alpha] = linear_output_error(qvit, activation_linear_pairs)
+    assert errors[0.5] < bound * errors[None], errors
+
+
+def test_mlp_factors_set_during_calibration_take_gradients_afterwards():
+    """calibrate() runs under inference mode; the Fisher search and reconstruction after the folding
+    back-propagate through the GELU's division, so its factors must be normal tensors."""
+    recipe = load_recipe("fqvit_plus_w4a4", {"reparam.mlp_alpha": 0.5, "gptq": None,
+                                             "reconstruction": {"images": 8, "iters": 2, "batch": 4}})  # fmt: skip
+    qvit = QVit(gelu_outlier_vit(), recipe)
+    calibrate(qvit, [(x, None, 0) for x in images()], CPU, progress=False)  # reparam, calibrate, Fisher search, reconstruct
+    act = qvit.model.blocks[0].mlp.act
+    assert qvit.is_calibrated and qvit.searched_ratios and not act.channel_scale.is_inference()
+
+
 def test_calibration_needs_the_reparameterization_pass_first():
     qvit = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": 0.5}}))
     with pytest.raises(RuntimeError, match="reparameterizing"):
@@ -139,8 +202,9 @@ def test_calibration_needs_the_reparameterization_pass_first():
             pass
 
 
-def test_calibrated_file_replays_the_factors_on_the_original_weights(tmp_path):
-    source = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": 0.5}}))
+@pytest.mark.parametrize("mlp_alpha", [None, 0.5])
+def test_calibrated_file_replays_the_factors_on_the_original_weights(tmp_path, mlp_alpha):
+    source = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": {"alpha": 0.5, "mlp_alpha": mlp_alpha}}))
     original = weights_sha256(source.model)
     calibrate(source, [(x, None, 0) for x in images()], CPU, progress=False)
     path = tmp_path / "calibrated.pt"
@@ -158,6 +222,10 @@ def test_calibrated_file_replays_the_factors_on_the_original_weights(tmp_path):
     record_unknown = {**record, "reparam": {"blocks.9.norm1": record["reparam"]["blocks.0.norm1"]}}
     with pytest.raises(UserError, match="cannot replay"):
         load_calibrated(QVit(outlier_vit(), recipe), record_unknown, path, original)
+    if mlp_alpha is not None:  # a GELU output is only ever divided
+        shifted = {**record["reparam"], "blocks.0.mlp.act": {**record["reparam"]["blocks.0.mlp.act"], "shift": torch.ones(128)}}
+        with pytest.raises(UserError, match=r"cannot replay its reparameterization \(blocks.0.mlp.act: a GELU output is divided, never shifted"):
+            load_calibrated(QVit(outlier_vit(), recipe), {**record, "reparam": shifted}, path, original)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +235,8 @@ def test_calibrated_file_replays_the_factors_on_the_original_weights(tmp_path):
         ({"alpha": True}, "reparam.alpha must be a number from 0 to 1"),
         ({"shift": "yes"}, "reparam.shift must be true or false"),
         ({"beta": 0.5}, "reparam: unknown key 'beta'"),
+        ({"mlp_alpha": -0.1}, r"reparam.mlp_alpha must be a number from 0 to 1 \(or null: off\)"),
+        ({"mlp_alpha": "half"}, "reparam.mlp_alpha must be a number from 0 to 1"),
     ],
 )
 def test_bad_reparam_values_are_refused(value, message):
@@ -180,17 +250,30 @@ def test_reparam_needs_quantized_activations():
 
 
 def test_export_graph_is_the_same_with_and_without_reparameterization(tmp_path):
-    """The factors live in the weights: the deployed graph has the same operators and Q/DQ pairs."""
+    """The LayerNorm factors live in the weights: the deployed graph has the same operators and Q/DQ
+    pairs. The MLP migration adds one Div per block, between the GELU and fc2's QuantizeLinear, and
+    ONNX Runtime computes what the fake-quant model does."""
     onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
     from collections import Counter
 
     from utils.onnx_export import export_onnx, simplify
 
-    ops = {}
-    for name, reparam in (("plain", None), ("reparam", {"alpha": 1.0})):
-        qvit = QVit(outlier_vit(), load_recipe("trt_int8", {"reparam": reparam}))
+    ops, x = {}, tiny_images(16, seed=21)
+    for name, reparam in (("plain", None), ("reparam", {"alpha": 1.0}), ("mlp", {"alpha": 1.0, "mlp_alpha": 0.5})):
+        qvit = QVit(gelu_outlier_vit(), load_recipe("trt_int8", {"reparam": reparam}))
         calibrate(qvit, [(x, None, 0) for x in images()], CPU, progress=False)
         export_onnx(qvit, tmp_path / f"{name}.raw.onnx", (32, 32))
         simplify(tmp_path / f"{name}.raw.onnx", tmp_path / f"{name}.onnx")  # as convert_tensorrt.py deploys it
-        ops[name] = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+        graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        ops[name] = Counter(n.op_type for n in graph.node)
+        producer = {out: n.op_type for n in graph.node for out in n.output}
+        divided = [n for n in graph.node if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) == "Div"]
+        assert len(divided) == (2 if name == "mlp" else 0)  # fc2's input quantizer reads the division
+        if name == "mlp":
+            out = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+            with torch.no_grad():
+                reference = qvit(x).numpy()
+            assert abs(out - reference).max() < 1e-3  # the same arithmetic, up to float summation order
     assert ops["plain"] == ops["reparam"] and ops["plain"]["QuantizeLinear"] > 0
+    assert ops["mlp"] - ops["plain"] == Counter({"Div": 2}) and not ops["plain"] - ops["mlp"]

@@ -22,7 +22,7 @@ from models.ptq.int_ops import IExpConstants, int_softmax
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantizerSpec
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantSoftmax", "QuantAttention", "QuantBlock"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantSoftmax", "QuantAttention", "QuantBlock", "SmoothedGELU"]
 
 
 def _device(module: nn.Module) -> torch.device | None:
@@ -122,6 +122,32 @@ class QuantLayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(self.input_quant(x))
+
+
+class SmoothedGELU(nn.GELU):
+    """``nn.GELU`` whose output can be divided channel by channel: what SmoothQuant's migration of the
+    MLP's hidden activation into fc2 (models/ptq/reparam.py, ``mlp_alpha``) leaves in the graph.
+    Without factors it is ``nn.GELU``. It quantizes nothing itself: fc2's input quantizer quantizes its
+    output. The factors are replayed from the calibrated file, so they are not state.
+    """
+
+    channel_scale: Tensor | None
+
+    @classmethod
+    def convert(cls, module: nn.GELU) -> "SmoothedGELU":
+        module.__class__ = cls
+        module.register_buffer("channel_scale", None, persistent=False)
+        return module
+
+    def set_channel_scale(self, scale: Tensor) -> None:
+        # A normal tensor even when set under inference mode (calibration): the Fisher scale search and
+        # block reconstruction back-propagate through this division afterwards.
+        with torch.inference_mode(False):
+            self.channel_scale = scale.detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.channel_scale is None else y / self.channel_scale
 
 
 class QuantAct(nn.Identity):

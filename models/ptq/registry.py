@@ -15,7 +15,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear
+from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear, SmoothedGELU
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.ptq.tensor_quantizer import QuantState
 from quant_config import QuantRecipe
@@ -61,6 +61,11 @@ def _conv2d(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Mod
 @register(nn.LayerNorm, TimmLayerNorm)
 def _layernorm(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
     return QuantLayerNorm.convert(module, state, layernorm_input=recipe.layernorm_input)
+
+
+@register(nn.GELU)
+def _gelu(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    return SmoothedGELU.convert(module)  # the MLP activation's SmoothQuant division, set only by reparam
 
 
 def _attention(quant_cls: type) -> Converter:

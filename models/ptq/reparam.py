@@ -18,6 +18,14 @@ with calibrated range ``[lo_j, hi_j]`` and the Linear ``y = W x + b`` that reads
 * LayerNorm ``gamma' = gamma / s``, ``beta' = (beta - c) / s``; Linear ``W' = W diag(s)``, ``b' = b + W c``.
 
 Then ``W' x' + b' = W (s * (x - c) / s) + W c + b = W x + b``: only float rounding changes the output.
+
+The MLP's hidden activation (GELU output -> fc2, with ``mlp_alpha``) has the same problem at low
+widths - a few wide channels - but no affine before it to fold ``1 / s`` into, so the division stays
+in the graph as :class:`~models.ptq.layers.SmoothedGELU`, exactly SmoothQuant's deployed form (its
+Sec. 4: the smoothing factor is fused into the previous layer where it can be, else kept as a scale);
+fc2's input columns take ``s`` as above. Its factors have no shift: the GELU output's dense values
+lie near 0, and centring them there lowered the held-out cosine (docs/recipes.md).
+
 The factors are kept on the :class:`~models.quant_vit.QVit` (``reparam_factors``) and saved with the
 calibrated quantizers, so a calibrated file can be replayed on the original weights.
 """
@@ -29,13 +37,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from models.ptq.layers import SmoothedGELU
 from models.ptq.observers import MinMaxObserver
 from models.ptq.quantizers import UniformQuantizer
 from quant_config import QuantizerSpec, ReparamSpec
 
-__all__ = ["ReparamFactors", "apply_factors", "compute_factors", "layernorm_linear_pairs", "observe_layernorm_outputs"]
+__all__ = ["ReparamFactors", "activation_linear_pairs", "apply_factors", "compute_factors", "layernorm_linear_pairs",
+           "observe_linear_inputs", "reparam_pairs"]
 
-# (shift c, scale s) per LayerNorm, by the LayerNorm's module path.
+# (shift c, scale s) per LayerNorm or MLP activation, by its module path.
 ReparamFactors = dict[str, tuple[Tensor, Tensor]]
 
 
@@ -55,16 +65,36 @@ def layernorm_linear_pairs(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, nn
     return pairs
 
 
-@contextlib.contextmanager
-def observe_layernorm_outputs(model: nn.Module) -> Iterator[dict[str, MinMaxObserver]]:
-    """Within: every forward feeds each LayerNorm output (the Linear's input) to a per-channel MinMax observer.
+def activation_linear_pairs(model: nn.Module) -> dict[str, tuple[SmoothedGELU, nn.Linear]]:
+    """Every timm MLP whose GELU output reaches fc2 through nothing but dropout (no norm in between):
+    ``{mlp path}.act -> (act, fc2)``, each ViT or Swin block's ``mlp.act``."""
+    from timm.layers import Mlp
 
-    Yields ``{layernorm path: observer}``; ``observer.compute_range()`` gives the channels' [lo, hi].
+    return {
+        f"{name}.act": (module.act, module.fc2)
+        for name, module in model.named_modules()
+        if type(module) is Mlp and isinstance(module.act, SmoothedGELU) and isinstance(module.norm, nn.Identity)
+    }
+
+
+def reparam_pairs(model: nn.Module, spec: ReparamSpec) -> dict[str, tuple[nn.Module, nn.Linear]]:
+    """The (source, Linear) pairs ``spec`` reparameterizes: every LayerNorm's, and with ``mlp_alpha`` every MLP activation's."""
+    pairs: dict[str, tuple[nn.Module, nn.Linear]] = dict(layernorm_linear_pairs(model))
+    if spec.mlp_alpha is not None:
+        pairs.update(activation_linear_pairs(model))
+    return pairs
+
+
+@contextlib.contextmanager
+def observe_linear_inputs(pairs: dict[str, tuple[nn.Module, nn.Linear]]) -> Iterator[dict[str, MinMaxObserver]]:
+    """Within: every forward feeds each pair's Linear input to a per-channel MinMax observer.
+
+    Yields ``{pair name: observer}``; ``observer.compute_range()`` gives the channels' [lo, hi].
     """
-    observers = {name: MinMaxObserver(QuantizerSpec(), UniformQuantizer(), channel_axis=-1) for name in layernorm_linear_pairs(model)}
+    observers = {name: MinMaxObserver(QuantizerSpec(), UniformQuantizer(), channel_axis=-1) for name in pairs}
     handles = [
         linear.register_forward_pre_hook(lambda module, args, observer=observers[name]: observer.update(args[0]))
-        for name, (_, linear) in layernorm_linear_pairs(model).items()
+        for name, (_, linear) in pairs.items()
     ]
     try:
         yield observers
@@ -75,12 +105,14 @@ def observe_layernorm_outputs(model: nn.Module) -> Iterator[dict[str, MinMaxObse
 
 @torch.no_grad()
 def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], spec: ReparamSpec) -> ReparamFactors:
-    """The shift and scale of every LayerNorm channel from its observed range (see the module docstring)."""
-    pairs = layernorm_linear_pairs(model)
+    """The shift and scale of every channel from its observed range (see the module docstring)."""
+    pairs = reparam_pairs(model, spec)
+    layernorms = layernorm_linear_pairs(model)
     factors: ReparamFactors = {}
     for name, (lo, hi) in ranges.items():
         _, linear = pairs[name]
-        if spec.shift:
+        alpha, shift_on = (spec.alpha, spec.shift) if name in layernorms else (spec.mlp_alpha, False)
+        if shift_on:
             shift = (lo + hi) / 2
             half_range = (hi - lo) / 2
         else:
@@ -89,33 +121,44 @@ def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], 
         # A constant channel (half-range 0) or a column of zero weights would give a zero or infinite factor.
         half_range = half_range.clamp_min(1e-5)
         column_max = linear.weight.detach().abs().amax(dim=0).float().clamp_min(1e-5)
-        scale = half_range.pow(spec.alpha) / column_max.pow(1.0 - spec.alpha)
+        scale = half_range.pow(alpha) / column_max.pow(1.0 - alpha)
         # A common factor changes nothing after calibration; normalising keeps the values near their size.
         scale = scale / scale.mean()
         factors[name] = (shift, scale)
     return factors
 
 
+def _fold_into_linear(linear: nn.Linear, shift: Tensor, scale: Tensor) -> None:
+    """``W' = W diag(s)``, ``b' = b + W c``: the Linear reads ``(x - c) / s`` and gives what it gave for ``x``."""
+    weight = linear.weight.float()
+    bias_delta = weight @ shift
+    if linear.bias is None:
+        # A normal tensor even when folding runs under inference mode (calibration), so autograd can use it.
+        with torch.inference_mode(False):
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=linear.weight.dtype))
+    linear.bias.add_(bias_delta.to(linear.bias.dtype))
+    linear.weight.copy_((weight * scale).to(linear.weight.dtype))
+
+
 @torch.no_grad()
 def apply_factors(model: nn.Module, factors: ReparamFactors) -> None:
-    """Fold ``factors`` into the LayerNorm affines and the Linear weights and biases, in place."""
-    pairs = layernorm_linear_pairs(model)
-    unknown = sorted(set(factors) - set(pairs))
+    """Fold ``factors`` into the LayerNorm affines (or set them on the MLP activations) and into the
+    Linear weights and biases, in place."""
+    layernorms, activations = layernorm_linear_pairs(model), activation_linear_pairs(model)
+    unknown = sorted(set(factors) - set(layernorms) - set(activations))
     if unknown:
-        raise ValueError(f"reparameterization factors for modules that are not LayerNorm->Linear pairs: {', '.join(unknown[:3])}")
+        raise ValueError(f"reparameterization factors for modules that are not LayerNorm->Linear or GELU->Linear pairs: {', '.join(unknown[:3])}")
     for name, (shift, scale) in factors.items():
-        norm, linear = pairs[name]
-        if norm.weight is None or norm.bias is None:
+        source, linear = layernorms[name] if name in layernorms else activations[name]
+        shift = shift.to(linear.weight.device, torch.float32)
+        scale = scale.to(linear.weight.device, torch.float32)
+        if name in activations:
+            if bool(shift.any()):
+                raise ValueError(f"{name}: a GELU output is divided, never shifted (its factors carry a shift)")
+            source.set_channel_scale(scale)
+        elif source.weight is None or source.bias is None:
             raise ValueError(f"{name} has no affine parameters to fold the reparameterization into")
-        shift = shift.to(norm.weight.device, torch.float32)
-        scale = scale.to(norm.weight.device, torch.float32)
-        weight = linear.weight.float()
-        bias_delta = weight @ shift
-        if linear.bias is None:
-            # A normal tensor even when folding runs under inference mode (calibration), so autograd can use it.
-            with torch.inference_mode(False):
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=linear.weight.dtype))
-        linear.bias.add_(bias_delta.to(linear.bias.dtype))
-        linear.weight.copy_((weight * scale).to(linear.weight.dtype))
-        norm.bias.copy_(((norm.bias.float() - shift) / scale).to(norm.bias.dtype))
-        norm.weight.copy_((norm.weight.float() / scale).to(norm.weight.dtype))
+        else:
+            source.bias.copy_(((source.bias.float() - shift) / scale).to(source.bias.dtype))
+            source.weight.copy_((source.weight.float() / scale).to(source.weight.dtype))
+        _fold_into_linear(linear, shift, scale)
