@@ -191,18 +191,21 @@ class ReparamSpec:
     (RepQ-ViT) and 0.5 balances activations and weights (SmoothQuant). ``shift`` centres every channel
     on its calibrated range first. ``mlp_alpha`` (null: off) migrates each MLP's GELU output into its
     fc2 the same way, at its own strength and without a shift: the division stays in the graph after
-    the GELU, the factors go into fc2's input columns.
+    the GELU, the factors go into fc2's input columns. ``value_alpha`` (null: off) migrates each
+    attention's output channels (proj's input) into v's rows of qkv, all in the weights.
     """
 
     alpha: float = 0.5
     shift: bool = True
     mlp_alpha: float | None = None
+    value_alpha: float | None = None
 
     def validate(self, where: str) -> None:
         _check_number(f"{where}.alpha", self.alpha, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
         _check_bool(f"{where}.shift", self.shift)
-        if self.mlp_alpha is not None:
-            _check_number(f"{where}.mlp_alpha", self.mlp_alpha, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1 (or null: off)")
+        for key in ("mlp_alpha", "value_alpha"):
+            if getattr(self, key) is not None:
+                _check_number(f"{where}.{key}", getattr(self, key), lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1 (or null: off)")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from models.ptq.collectives import gather_batches, is_distributed
 from models.ptq.layers import QuantConv2d, QuantLinear
 from models.ptq.registry import QUANT_MODULES, convert_module
 from models.ptq.reconstruction import reconstruct_block, too_few_images_per_step
-from models.ptq.reparam import ReparamFactors, activation_linear_pairs, apply_factors, compute_factors, observe_linear_inputs, reparam_pairs
+from models.ptq.reparam import ReparamFactors, apply_factors, compute_factors, observe_linear_inputs, reparam_pairs
 from models.ptq.scale_search import search_scales
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import ConfigError, QuantRecipe
@@ -174,14 +174,12 @@ class QVit(nn.Module):
 
     @contextlib.contextmanager
     def reparameterizing(self) -> Iterator["QVit"]:
-        """Run FP32 and record the channel ranges of each LayerNorm output (and, with ``mlp_alpha``, each
-        MLP's GELU output); on a clean exit fold the recipe's factors."""
+        """Run FP32 and record the channel ranges of each LayerNorm output (and, with ``mlp_alpha`` /
+        ``value_alpha``, each GELU output / attention output); on a clean exit fold the recipe's factors."""
         if self.recipe.reparam is None:
             raise RuntimeError(f"recipe {self.recipe.name} has no reparam section")
         if self.reparam_factors:
             raise RuntimeError("the model is already reparameterized")
-        if self.recipe.reparam.mlp_alpha is not None and not activation_linear_pairs(self.model):
-            raise ConfigError(f"{self.recipe.name}.reparam.mlp_alpha: {type(self.model).__name__} has no MLP whose GELU feeds its fc2")
         with self._mode(QuantMode.FP32), observe_linear_inputs(reparam_pairs(self.model, self.recipe.reparam)) as observers:
             self._reparam_observers = observers  # their running ranges take part in the non-finite check
             try:

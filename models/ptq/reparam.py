@@ -26,6 +26,13 @@ Sec. 4: the smoothing factor is fused into the previous layer where it can be, e
 fc2's input columns take ``s`` as above. Its factors have no shift: the GELU output's dense values
 lie near 0, and centring them there lowered the held-out cosine (docs/recipes.md).
 
+An attention's v (with ``value_alpha``) needs no runtime division at all: proj's input is the
+attention-weighted sum of v over tokens, channel by channel, so dividing v's rows of qkv (weight and
+bias) by ``s`` divides proj's input channels by ``s``, and proj's columns take ``s`` - the
+value/output-projection equivalence RepQ-ViT and Outlier Suppression+ also use. Both v (a matmul
+operand) and proj's input get the narrower channels. No shift: a quantized attention map's rows do not
+sum to exactly 1, so ``attn @ (v - c)`` is not ``attn @ v - c``.
+
 The factors are kept on the :class:`~models.quant_vit.QVit` (``reparam_factors``) and saved with the
 calibrated quantizers, so a calibrated file can be replayed on the original weights.
 """
@@ -40,12 +47,12 @@ from torch import Tensor, nn
 from models.ptq.layers import SmoothedGELU
 from models.ptq.observers import MinMaxObserver
 from models.ptq.quantizers import UniformQuantizer
-from quant_config import QuantizerSpec, ReparamSpec
+from quant_config import ConfigError, QuantizerSpec, ReparamSpec
 
 __all__ = ["ReparamFactors", "activation_linear_pairs", "apply_factors", "compute_factors", "layernorm_linear_pairs",
-           "observe_linear_inputs", "reparam_pairs"]
+           "observe_linear_inputs", "reparam_pairs", "value_projection_pairs"]
 
-# (shift c, scale s) per LayerNorm or MLP activation, by its module path.
+# (shift c, scale s) per LayerNorm, MLP activation or attention value, by its module path.
 ReparamFactors = dict[str, tuple[Tensor, Tensor]]
 
 
@@ -77,11 +84,32 @@ def activation_linear_pairs(model: nn.Module) -> dict[str, tuple[SmoothedGELU, n
     }
 
 
+def value_projection_pairs(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Linear]]:
+    """Every ViT or Swin attention whose output reaches proj unchanged (no norm in between):
+    ``{attention path}.v -> (qkv, proj)``. proj's input channel ``j`` is the attention-weighted sum of
+    v's channel ``j`` (the attention map mixes tokens, never channels), so a factor on v's rows of qkv
+    reaches it exactly."""
+    from timm.models.swin_transformer import WindowAttention
+    from timm.models.vision_transformer import Attention
+
+    return {
+        f"{name}.v": (module.qkv, module.proj)
+        for name, module in model.named_modules()
+        if isinstance(module, (Attention, WindowAttention)) and isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)
+    }
+
+
 def reparam_pairs(model: nn.Module, spec: ReparamSpec) -> dict[str, tuple[nn.Module, nn.Linear]]:
-    """The (source, Linear) pairs ``spec`` reparameterizes: every LayerNorm's, and with ``mlp_alpha`` every MLP activation's."""
+    """The (source, Linear) pairs ``spec`` reparameterizes: every LayerNorm's, with ``mlp_alpha`` every MLP
+    activation's, with ``value_alpha`` every attention's v."""
     pairs: dict[str, tuple[nn.Module, nn.Linear]] = dict(layernorm_linear_pairs(model))
-    if spec.mlp_alpha is not None:
-        pairs.update(activation_linear_pairs(model))
+    for key, find, what in (("mlp_alpha", activation_linear_pairs, "MLP whose GELU feeds its fc2"),
+                            ("value_alpha", value_projection_pairs, "attention whose output feeds its proj")):  # fmt: skip
+        if getattr(spec, key) is not None:
+            found = find(model)
+            if not found:
+                raise ConfigError(f"reparam.{key}: {type(model).__name__} has no {what}")
+            pairs.update(found)
     return pairs
 
 
@@ -107,11 +135,14 @@ def observe_linear_inputs(pairs: dict[str, tuple[nn.Module, nn.Linear]]) -> Iter
 def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], spec: ReparamSpec) -> ReparamFactors:
     """The shift and scale of every channel from its observed range (see the module docstring)."""
     pairs = reparam_pairs(model, spec)
-    layernorms = layernorm_linear_pairs(model)
+    # Each kind of pair migrates at its own strength; only a LayerNorm output is ever shifted.
+    strengths = {name: (spec.alpha, spec.shift) for name in layernorm_linear_pairs(model)}
+    strengths.update({name: (spec.mlp_alpha, False) for name in activation_linear_pairs(model)})
+    strengths.update({name: (spec.value_alpha, False) for name in value_projection_pairs(model)})
     factors: ReparamFactors = {}
     for name, (lo, hi) in ranges.items():
         _, linear = pairs[name]
-        alpha, shift_on = (spec.alpha, spec.shift) if name in layernorms else (spec.mlp_alpha, False)
+        alpha, shift_on = strengths[name]
         if shift_on:
             shift = (lo + hi) / 2
             half_range = (hi - lo) / 2
@@ -144,18 +175,25 @@ def _fold_into_linear(linear: nn.Linear, shift: Tensor, scale: Tensor) -> None:
 def apply_factors(model: nn.Module, factors: ReparamFactors) -> None:
     """Fold ``factors`` into the LayerNorm affines (or set them on the MLP activations) and into the
     Linear weights and biases, in place."""
-    layernorms, activations = layernorm_linear_pairs(model), activation_linear_pairs(model)
-    unknown = sorted(set(factors) - set(layernorms) - set(activations))
+    layernorms, activations, values = layernorm_linear_pairs(model), activation_linear_pairs(model), value_projection_pairs(model)
+    pairs = {**layernorms, **activations, **values}
+    unknown = sorted(set(factors) - set(pairs))
     if unknown:
-        raise ValueError(f"reparameterization factors for modules that are not LayerNorm->Linear or GELU->Linear pairs: {', '.join(unknown[:3])}")
+        raise ValueError(f"reparameterization factors for modules that are not LayerNorm->Linear, GELU->Linear or v->proj pairs: {', '.join(unknown[:3])}")
     for name, (shift, scale) in factors.items():
-        source, linear = layernorms[name] if name in layernorms else activations[name]
+        source, linear = pairs[name]
         shift = shift.to(linear.weight.device, torch.float32)
         scale = scale.to(linear.weight.device, torch.float32)
+        if name not in layernorms and bool(shift.any()):
+            raise ValueError(f"{name}: a GELU output or an attention's v is divided, never shifted (its factors carry a shift)")
         if name in activations:
-            if bool(shift.any()):
-                raise ValueError(f"{name}: a GELU output is divided, never shifted (its factors carry a shift)")
             source.set_channel_scale(scale)
+        elif name in values:
+            # v is the last third of qkv's output rows; dividing a row and its bias divides that channel.
+            v_rows = slice(2 * linear.in_features, 3 * linear.in_features)
+            source.weight[v_rows] = (source.weight[v_rows].float() / scale[:, None]).to(source.weight.dtype)
+            if source.bias is not None:
+                source.bias[v_rows] = (source.bias[v_rows].float() / scale).to(source.bias.dtype)
         elif source.weight is None or source.bias is None:
             raise ValueError(f"{name} has no affine parameters to fold the reparameterization into")
         else:
