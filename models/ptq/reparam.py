@@ -162,12 +162,12 @@ def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], 
 def _fold_into_linear(linear: nn.Linear, shift: Tensor, scale: Tensor) -> None:
     """``W' = W diag(s)``, ``b' = b + W c``: the Linear reads ``(x - c) / s`` and gives what it gave for ``x``."""
     weight = linear.weight.float()
-    bias_delta = weight @ shift
-    if linear.bias is None:
-        # A normal tensor even when folding runs under inference mode (calibration), so autograd can use it.
-        with torch.inference_mode(False):
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=linear.weight.dtype))
-    linear.bias.add_(bias_delta.to(linear.bias.dtype))
+    if bool(shift.any()):
+        if linear.bias is None:
+            # A normal tensor even when folding runs under inference mode (calibration), so autograd can use it.
+            with torch.inference_mode(False):
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=linear.weight.dtype))
+        linear.bias.add_((weight @ shift).to(linear.bias.dtype))
     linear.weight.copy_((weight * scale).to(linear.weight.dtype))
 
 
