@@ -54,6 +54,8 @@ __all__ = ["ReparamFactors", "activation_linear_pairs", "apply_factors", "comput
 
 # (shift c, scale s) per LayerNorm, MLP activation or attention value, by its module path.
 ReparamFactors = dict[str, tuple[Tensor, Tensor]]
+# (source module, the Linear reading its output) by pair name.
+Pairs = dict[str, tuple[nn.Module, nn.Linear]]
 
 
 def layernorm_linear_pairs(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, nn.Linear]]:
@@ -99,22 +101,35 @@ def value_projection_pairs(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Li
     }
 
 
-def reparam_pairs(model: nn.Module, spec: ReparamSpec) -> dict[str, tuple[nn.Module, nn.Linear]]:
-    """The (source, Linear) pairs ``spec`` reparameterizes: every LayerNorm's, with ``mlp_alpha`` every MLP
-    activation's, with ``value_alpha`` every attention's v."""
-    pairs: dict[str, tuple[nn.Module, nn.Linear]] = dict(layernorm_linear_pairs(model))
-    for key, find, what in (("mlp_alpha", activation_linear_pairs, "MLP whose GELU feeds its fc2"),
-                            ("value_alpha", value_projection_pairs, "attention whose output feeds its proj")):  # fmt: skip
-        if getattr(spec, key) is not None:
+# The migrations beside the LayerNorm one: the spec key of their strength, the pairs, what a model lacks without them.
+_MIGRATIONS = (
+    ("mlp_alpha", activation_linear_pairs, "MLP whose GELU feeds its fc2"),
+    ("value_alpha", value_projection_pairs, "attention whose output feeds its proj"),
+)
+
+
+def _pair_groups(model: nn.Module, spec: ReparamSpec) -> list[tuple[Pairs, float, bool]]:
+    """The pairs ``spec`` reparameterizes, grouped by kind with the kind's strength and whether it shifts
+    (only a LayerNorm output is ever shifted)."""
+    groups: list[tuple[Pairs, float, bool]] = [(layernorm_linear_pairs(model), spec.alpha, spec.shift)]
+    for key, find, what in _MIGRATIONS:
+        alpha = getattr(spec, key)
+        if alpha is not None:
             found = find(model)
             if not found:
                 raise ConfigError(f"reparam.{key}: {type(model).__name__} has no {what}")
-            pairs.update(found)
-    return pairs
+            groups.append((found, alpha, False))
+    return groups
+
+
+def reparam_pairs(model: nn.Module, spec: ReparamSpec) -> Pairs:
+    """The (source, Linear) pairs ``spec`` reparameterizes: every LayerNorm's, with ``mlp_alpha`` every MLP
+    activation's, with ``value_alpha`` every attention's v."""
+    return {name: pair for pairs, _, _ in _pair_groups(model, spec) for name, pair in pairs.items()}
 
 
 @contextlib.contextmanager
-def observe_linear_inputs(pairs: dict[str, tuple[nn.Module, nn.Linear]]) -> Iterator[dict[str, MinMaxObserver]]:
+def observe_linear_inputs(pairs: Pairs) -> Iterator[dict[str, MinMaxObserver]]:
     """Within: every forward feeds each pair's Linear input to a per-channel MinMax observer.
 
     Yields ``{pair name: observer}``; ``observer.compute_range()`` gives the channels' [lo, hi].
@@ -134,29 +149,27 @@ def observe_linear_inputs(pairs: dict[str, tuple[nn.Module, nn.Linear]]) -> Iter
 @torch.no_grad()
 def compute_factors(model: nn.Module, ranges: dict[str, tuple[Tensor, Tensor]], spec: ReparamSpec) -> ReparamFactors:
     """The shift and scale of every channel from its observed range (see the module docstring)."""
-    pairs = reparam_pairs(model, spec)
-    # Each kind of pair migrates at its own strength; only a LayerNorm output is ever shifted.
-    strengths = {name: (spec.alpha, spec.shift) for name in layernorm_linear_pairs(model)}
-    strengths.update({name: (spec.mlp_alpha, False) for name in activation_linear_pairs(model)})
-    strengths.update({name: (spec.value_alpha, False) for name in value_projection_pairs(model)})
     factors: ReparamFactors = {}
-    for name, (lo, hi) in ranges.items():
-        _, linear = pairs[name]
-        alpha, shift_on = strengths[name]
-        if shift_on:
-            shift = (lo + hi) / 2
-            half_range = (hi - lo) / 2
-        else:
-            shift = torch.zeros_like(lo)
-            half_range = torch.maximum(lo.abs(), hi.abs())
-        # A constant channel (half-range 0) or a column of zero weights would give a zero or infinite factor.
-        half_range = half_range.clamp_min(1e-5)
-        column_max = linear.weight.detach().abs().amax(dim=0).float().clamp_min(1e-5)
-        scale = half_range.pow(alpha) / column_max.pow(1.0 - alpha)
-        # A common factor changes nothing after calibration; normalising keeps the values near their size.
-        scale = scale / scale.mean()
-        factors[name] = (shift, scale)
+    for pairs, alpha, shift_on in _pair_groups(model, spec):
+        for name, (_, linear) in pairs.items():
+            factors[name] = _channel_factors(*ranges[name], linear, alpha, shift_on)
     return factors
+
+
+def _channel_factors(lo: Tensor, hi: Tensor, linear: nn.Linear, alpha: float, shift_on: bool) -> tuple[Tensor, Tensor]:
+    """One pair's (shift, scale) from its channels' observed range and the Linear reading them."""
+    if shift_on:
+        shift = (lo + hi) / 2
+        half_range = (hi - lo) / 2
+    else:
+        shift = torch.zeros_like(lo)
+        half_range = torch.maximum(lo.abs(), hi.abs())
+    # A constant channel (half-range 0) or a column of zero weights would give a zero or infinite factor.
+    half_range = half_range.clamp_min(1e-5)
+    column_max = linear.weight.detach().abs().amax(dim=0).float().clamp_min(1e-5)
+    scale = half_range.pow(alpha) / column_max.pow(1.0 - alpha)
+    # A common factor changes nothing after calibration; normalising keeps the values near their size.
+    return shift, scale / scale.mean()
 
 
 def _fold_into_linear(linear: nn.Linear, shift: Tensor, scale: Tensor) -> None:
