@@ -7,14 +7,15 @@
 # 1. tests/test_cuda.py: CUDA calibration = CPU scales for every observer, no host sync per batch.
 # 2. Real DeiT-tiny, trt_int8, calibrated on 800 train images and evaluated on the other 200
 #    (bench/holdout_split.py), profiler included: compare with the same command on the CPU; and
-#    fqvit_plus_w8a8 the same way.
+#    fqvit_plus_w8a8 the same way (its block reconstruction on the 800 images: issue 17's GPU cost).
 # 3. The same under torchrun (NCCL, one process per GPU): the same numbers.
 # 4. bench_qvit.py on the GPU: vit_base FP32 vs fake-quant images/s at batch 128 and 64, calibration
 #    seconds per observer (1024 real images already on the GPU).
 # 5. test_qvit.py end to end on vit_base (random weights: speed only): calibration seconds of 1000
 #    images with the OMSE observer and with the fqvit_plus recipes (reparam, calibration, Fisher scale
-#    search); then KL calibration and FP32 + INT8 evaluation streamed over SCALE x the train images
-#    (default 50: 50,000 images, the size of ImageNet's validation set), with peak host / GPU memory.
+#    search, block reconstruction); then KL calibration and FP32 + INT8 evaluation streamed over SCALE x
+#    the train images (default 50: 50,000 images, the size of ImageNet's validation set), with peak
+#    host / GPU memory.
 # Every step has its own time limit and the script goes on after a failure; everything is logged to
 # OUT_DIR/gpu_check.log and each run's qvit_summary.json is copied to OUT_DIR/<step>.json.
 # STEPS="test_cuda deit_cuda ..." runs only the steps named; SCALE=N links each train image N times.
@@ -55,7 +56,7 @@ python -m bench.holdout_split "$TRAIN" "$WORK/split" >>"$LOG" 2>&1
 DEIT_ARGS=(--model deit_tiny_patch16_224 --checkpoint "$DEIT" --calib-dir "$WORK/split/calib" --val-dir "$WORK/split/held"
            --calib-size 800 --config trt_int8 --batch-size 64 --workers "$WORKERS" --device cuda --no-progress)
 step deit_cuda 120 python test_qvit.py "${DEIT_ARGS[@]}" --hist worst:3 --log-dir "$WORK/log_deit_cuda"
-step deit_plus_w8a8 150 python test_qvit.py "${DEIT_ARGS[@]/trt_int8/fqvit_plus_w8a8}" --no-profile --log-dir "$WORK/log_deit_plus_w8a8"
+step deit_plus_w8a8 240 python test_qvit.py "${DEIT_ARGS[@]/trt_int8/fqvit_plus_w8a8}" --no-profile --log-dir "$WORK/log_deit_plus_w8a8"
 step deit_nccl 90 torchrun --standalone --nproc-per-node 1 test_qvit.py "${DEIT_ARGS[@]}" --no-profile --log-dir "$WORK/log_deit_nccl"
 
 step bench_b128 150 python -m bench.bench_qvit --device cuda --models vit_base_patch16_224 --batch 128 --calib-batches 8 --iters 10 --data "$TRAIN"
@@ -78,7 +79,7 @@ EOF
 VITB_ARGS=(--model vit_base_patch16_224 --checkpoint "$WORK/vit_base_random.pth" --calib-dir "$TRAIN" --calib-size 1000
            --batch-size 128 --workers "$WORKERS" --device cuda --no-profile)
 step vitb_omse 90 python test_qvit.py "${VITB_ARGS[@]}" --no-progress --observer omse --val-dir "$TRAIN" --limit 1024 --log-dir "$WORK/log_vitb_omse"
-step vitb_plus_w8a8 150 python test_qvit.py "${VITB_ARGS[@]}" --no-progress --config fqvit_plus_w8a8 --val-dir "$TRAIN" --limit 1024 --log-dir "$WORK/log_vitb_plus_w8a8"
-step vitb_plus_w6a6_r8 150 python test_qvit.py "${VITB_ARGS[@]}" --no-progress --config fqvit_plus_w6a6_r8 --val-dir "$TRAIN" --limit 1024 --log-dir "$WORK/log_vitb_plus_w6a6_r8"
+step vitb_plus_w8a8 300 python test_qvit.py "${VITB_ARGS[@]}" --no-progress --config fqvit_plus_w8a8 --val-dir "$TRAIN" --limit 1024 --log-dir "$WORK/log_vitb_plus_w8a8"
+step vitb_plus_w6a6_r8 300 python test_qvit.py "${VITB_ARGS[@]}" --no-progress --config fqvit_plus_w6a6_r8 --val-dir "$TRAIN" --limit 1024 --log-dir "$WORK/log_vitb_plus_w6a6_r8"
 step vitb_kl_stream 330 python test_qvit.py "${VITB_ARGS[@]}" --observer kl --val-dir "$WORK/stream" --log-dir "$WORK/log_vitb_kl_stream"
 echo "=== done ($(date -u +%T))" | tee -a "$LOG"

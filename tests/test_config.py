@@ -125,11 +125,14 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     # The attention map on the unsigned (post-softmax) twin grid, at the recipe's 8 bits.
     maps = [q for q in QVit(make_tiny_vit(), w8).quantizers().values() if q.kind == "attention"]
     assert maps and all(q.spec.quantizer == "twin_uniform" and q.spec.bit_type.name == "uint8" for q in maps)
-    # _r10 is fqvit_plus_w8a8 with only the residual stream at its LayerNorms wider.
+    # _r10 is fqvit_plus_w8a8 with the residual stream at its LayerNorms wider and without reconstruction.
     assert w8r10.layernorm_input.bit_type.bits == 10 and w8.layernorm_input.bit_type.bits == 8
-    assert dataclasses.replace(w8r10, name=w8.name, description=w8.description, layernorm_input=w8.layernorm_input) == w8
+    assert w8.reconstruction is not None and w8r10.reconstruction is None
+    same = dict(name=w8.name, description=w8.description, layernorm_input=w8.layernorm_input, reconstruction=w8.reconstruction)
+    assert dataclasses.replace(w8r10, **same) == w8
     w6 = load_recipe("fqvit_plus_w6a6_r8")
     assert {w6.weight.bit_type.bits, w6.activation.bit_type.bits, w6.attention.bit_type.bits} == {6}
+    assert w6.reconstruction is not None and w6.reconstruction.images == w8.reconstruction.images == 800
     assert w6.layernorm_input.bit_type.bits == 8 and w6.attention.quantizer == "log_sqrt2"
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
