@@ -133,6 +133,9 @@ class QuantizerSpec:
     # than FQ-ViT's shared one (a fine-scaled channel then covers its own values, not the whole tensor's
     # centre); the integer LayerNorm subtracts it per channel before the shift.
     ptf_channel_zero_points: bool = False
+    # The residual stream: each token's codes rescaled at run time by its own factor f <= 1, so that its
+    # largest value fills the calibrated grid (models/ptq/token_scale.py); the LayerNorm ignores f.
+    dynamic_token_scale: bool = False
 
     def validate(self, where: str, kind: str) -> None:
         self.validate_values(where)
@@ -149,6 +152,7 @@ class QuantizerSpec:
         _check_int(f"{where}.ptf_levels", self.ptf_levels, 1, 8)
         _check_bool(f"{where}.power_of_two_factor", self.power_of_two_factor)
         _check_bool(f"{where}.ptf_channel_zero_points", self.ptf_channel_zero_points)
+        _check_bool(f"{where}.dynamic_token_scale", self.dynamic_token_scale)
 
     def validate_combination(self, where: str, kind: str) -> None:
         """The fields together, for a tensor of ``kind``."""
@@ -180,6 +184,12 @@ class QuantizerSpec:
                 raise ConfigError(f"{where}.power_of_two_factor needs quantizer: uniform")
         if self.ptf_channel_zero_points and not (self.power_of_two_factor and not self.bit_type.symmetric):
             raise ConfigError(f"{where}.ptf_channel_zero_points needs power_of_two_factor: true on an asymmetric grid (bit_type.symmetric: false)")
+        if self.dynamic_token_scale:
+            # Only before a LayerNorm is the factor free: the normalization cancels it.
+            if kind != "layernorm_input":
+                raise ConfigError(f"{where}.dynamic_token_scale applies only to layernorm_input (the residual stream), not to {kind}")
+            if self.quantizer != "uniform":
+                raise ConfigError(f"{where}.dynamic_token_scale needs quantizer: uniform")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ def test_shipped_recipes_load():
         ("layernorm_input.calibration_mode", "layer_wise", "needs calibration_mode: channel_wise"),
         ("activation.ptf_channel_zero_points", True, "x.yaml.activation.ptf_channel_zero_points needs power_of_two_factor: true"),
         ("layernorm_input.ptf_channel_zero_points", 1, "ptf_channel_zero_points must be"),
+        ("activation.dynamic_token_scale", True, "x.yaml.activation.dynamic_token_scale applies only to layernorm_input"),
+        ("layernorm_input.dynamic_token_scale", "yes", "dynamic_token_scale must be"),
         ("activation.percentile", 1.5, "percentile must be in"),
         ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
         ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),

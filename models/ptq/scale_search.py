@@ -89,7 +89,7 @@ class _Point:
         errors = []
         for ratio in self.ratios:
             scale = q.broadcast(self.scale * ratio, x) if q.per_channel else self.scale * ratio
-            out = op(q.method.fake_quant(x, scale, zero_point, q.spec.bit_type))
+            out = op(q.fake_quant_with(x, scale, zero_point))
             errors.append((out - reference).square().sum(dtype=torch.float64))
         # Out of place: the buffer may have been made in inference mode, the fisher batches run outside it.
         self.errors = self.errors + torch.stack(errors)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from models.ptq.observers import build_observer
 from models.ptq.ptf import PowerOfTwoFactor
 from models.ptq.quantizers import build_quantizer
+from models.ptq.token_scale import token_scaled_fake_quant
 from quant_config import QuantizerSpec
 
 __all__ = ["QuantMode", "QuantState", "TensorQuantizer"]
@@ -262,6 +263,13 @@ class TensorQuantizer(nn.Module):
         self._refresh_args()
         scale = self._scale_float if self._scale_float is not None else self.broadcast(self.scale, x)
         zero_point = self._zp_float if self._zp_float is not None else self.broadcast(self.zero_point, x)
+        return self.fake_quant_with(x, scale, zero_point)
+
+    def fake_quant_with(self, x: Tensor, scale: Tensor | float, zero_point: Tensor | float) -> Tensor:
+        """``x`` on this point's grid with the given (broadcastable) parameters: what the scale search
+        scores its candidates with, so that it judges the grid the model will run."""
+        if self.spec.dynamic_token_scale:
+            return token_scaled_fake_quant(x, scale, zero_point, self.spec.bit_type)
         return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
 
     def quantize(self, x: Tensor) -> Tensor:
