@@ -127,8 +127,10 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     # The attention map on the unsigned (post-softmax) twin grid, at the recipe's 8 bits.
     maps = [q for q in QVit(make_tiny_vit(), w8).quantizers().values() if q.kind == "attention"]
     assert maps and all(q.spec.quantizer == "twin_uniform" and q.spec.bit_type.name == "uint8" for q in maps)
-    # _r10 is fqvit_plus_w8a8 with the residual stream at its LayerNorms wider and without reconstruction.
+    # _r10 is fqvit_plus_w8a8 with the residual stream at its LayerNorms wider (static: no per-token
+    # scale) and without reconstruction.
     assert w8r10.layernorm_input.bit_type.bits == 10 and w8.layernorm_input.bit_type.bits == 8
+    assert w8.layernorm_input.dynamic_token_scale and not w8r10.layernorm_input.dynamic_token_scale
     assert w8.reconstruction is not None and w8r10.reconstruction is None
     same = dict(name=w8.name, description=w8.description, layernorm_input=w8.layernorm_input, reconstruction=w8.reconstruction)
     assert dataclasses.replace(w8r10, **same) == w8
