@@ -336,6 +336,16 @@ def test_histogram_bins_put_every_grid_point_in_a_bin_centre():
         assert bins.clip[0] < bins.clip[1]
 
 
+def test_the_token_scale_column_marks_the_residual_stream_and_its_error_is_the_runtime_grids():
+    qvit = calibrated("fqvit_w8a8_att8", **{"layernorm_input.dynamic_token_scale": True, "layernorm_input.ptf_channel_zero_points": True})
+    static = run_profile(calibrated("fqvit_w8a8_att8", **{"layernorm_input.ptf_channel_zero_points": True}), batches(1, 2)).table
+    table = run_profile(qvit, batches(1, 2)).table
+    assert table["token_scale"].eq(table["kind"] == "layernorm_input").all()
+    stream = (table["kind"] == "layernorm_input").to_numpy()
+    # Same calibration, a finer grid per token: every LayerNorm input's own error is lower.
+    assert (table["mse"].to_numpy()[stream] < static["mse"].to_numpy()[stream]).all()
+
+
 def test_table_columns_and_totals():
     result = run_profile(calibrated(), batches(1, 2))
     table = result.table
@@ -343,7 +353,7 @@ def test_table_columns_and_totals():
     assert len(table) == len(result.histograms) == result.totals["points"]
     assert table.loc[table["name"] == "blocks.1.norm1.input", "block"].item() == 1
     assert set(table["stage"]) == {"embed", "blocks", "head"}
-    assert table["ptf"][table["kind"] == "layernorm_input"].all()
+    assert table["ptf"][table["kind"] == "layernorm_input"].all() and not table["token_scale"].any()
     worst = [w["name"] for w in result.totals["worst"]]
     assert worst == list(table.nsmallest(10, "qsnr_db")["name"])
     assert result.totals["views"] == ["accumulated"] and "isolated_worst" not in result.totals

@@ -123,6 +123,8 @@ class TensorQuantizer(nn.Module):
         parts = [s.bit_type.name, s.quantizer, s.observer, s.calibration_mode]
         if s.power_of_two_factor:
             parts.append("ptf")
+        if s.dynamic_token_scale:
+            parts.append("token scale")
         if not self.enabled:
             parts.append("disabled")
         return ", ".join(parts)
