@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import calibrated, make_tiny_vit, reloaded, tiny_images
+from models.ptq.reconstruction import learnable_steps
 from models.ptq.token_scale import token_factors, token_scaled_fake_quant
 from quant_config import BitTypeConfig
 from utils.onnx_export import export_plan
@@ -121,11 +122,14 @@ def test_a_recipe_with_it_quantizes_the_stream_per_token_and_survives_the_calibr
         assert torch.equal(target(images), source(images))
 
 
-def test_onnx_export_keeps_a_per_token_point_in_float():
-    # An 8-bit per-tensor LayerNorm input would be a Q/DQ pair; with a factor computed at run time it is not.
+def test_onnx_export_keeps_a_per_token_point_in_float_and_reconstruction_learns_no_static_step_for_it():
+    # An 8-bit per-tensor LayerNorm input would be a Q/DQ pair and an LSQ-learnable step; with a factor
+    # computed at run time it is neither.
     grid = {"layernorm_input.power_of_two_factor": False, "layernorm_input.calibration_mode": "layer_wise"}
     for dynamic, plan in ((False, "qdq"), (True, "float")):
         qvit = calibrated("fqvit_w8a8_att8", **grid, **{"layernorm_input.dynamic_token_scale": dynamic})
         stream_points = [p for p in export_plan(qvit, zero_points=True) if ".norm" in p.name]
         assert stream_points and {p.plan for p in stream_points} == {plan}
         assert dynamic == all("dynamic per-token" in p.reason for p in stream_points)
+        steps = learnable_steps(qvit.model.blocks[0])
+        assert ("norm1.input_quant" in steps) != dynamic and "attn.qkv.input_quant" in steps

@@ -74,11 +74,12 @@ def reconstructable_weights(block: nn.Module) -> dict[str, tuple[nn.Module, Tens
 
 
 def learnable_steps(block: nn.Module) -> dict[str, TensorQuantizer]:
-    """The block's calibrated activation points whose per-tensor grid step can learn (uniform, no PTF)."""
+    """The block's calibrated activation points whose per-tensor grid step can learn (uniform, no PTF, no
+    per-token factor: LSQ's gradient is for one static step)."""
     return {
         name: q for name, q in block.named_modules()
         if isinstance(q, TensorQuantizer) and not q.is_weight and q.enabled and q.is_calibrated and q.spec is not None
-        and q.method.learnable_scale and q.scale.dim() == 0 and q.ptf is None
+        and q.method.learnable_scale and q.scale.dim() == 0 and q.ptf is None and not q.spec.dynamic_token_scale
     }  # fmt: skip
 
 
