@@ -22,10 +22,9 @@ express a scale computed at run time, so the ONNX export keeps such a point in f
 
 Why: on held-out calibration images of DeiT-tiny, the 8-bit stream alone (every other point at 16 bits)
 keeps logit cosine 0.9946 with FP32, below the 0.995 that the fully quantized 8-bit recipe aims for; with
-this factor 0.9972 (docs/accuracy.md). Per-channel grids were
-already as good as free per-channel scales there, and neither a twin-uniform nor a Hadamard-rotated
-stream lowered its squared error: what was left is that most tokens use a fraction of a range that
-a few tokens set.
+this factor 0.9983 (docs/accuracy.md). Per-channel grids were already as good as free per-channel
+scales there, and neither a twin-uniform nor a Hadamard-rotated stream lowered its squared error: what
+was left is that most tokens use a fraction of a range that a few tokens set.
 """
 from __future__ import annotations
 
