@@ -39,18 +39,30 @@ __all__ = ["token_factors", "token_scaled_fake_quant"]
 _MIN_FACTOR = 2.0**-24
 
 
+def _inverse_room(zero_point: Tensor | float, bit_type: BitTypeConfig, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel, 1 / (codes above the zero point) and 1 / (codes below it); 0 where a side has none
+    (a zero point at the grid's edge: values there clip at every factor, so they must not shrink it)."""
+    zero_point = torch.as_tensor(zero_point, device=like.device).to(like.dtype)
+    above, below = bit_type.qmax - zero_point, zero_point - bit_type.qmin
+    return (torch.where(above > 0, 1 / above.clamp(min=1), 0.0), torch.where(below > 0, 1 / below.clamp(min=1), 0.0))
+
+
+def _factors(codes: Tensor, zero_point: Tensor | float, bit_type: BitTypeConfig) -> Tensor:
+    """:func:`token_factors` from ``codes = x / scale``. Only the channel-sized room is built: a value's
+    fill on the wrong side of the zero point is negative and never wins the maximum."""
+    inv_above, inv_below = _inverse_room(zero_point, bit_type, codes)
+    fill = torch.maximum((codes * inv_above).amax(dim=-1, keepdim=True), (codes * -inv_below).amax(dim=-1, keepdim=True))
+    return fill.clamp_(_MIN_FACTOR, 1.0)
+
+
 def token_factors(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, bit_type: BitTypeConfig) -> Tensor:
     """Each token's factor ``f_t`` in (0, 1] (the last axis is channels), shaped ``x.shape[:-1] + (1,)``."""
-    codes = x / scale  # signed distance from the zero point, in calibrated steps
-    room = torch.where(codes >= 0, bit_type.qmax - zero_point, zero_point - bit_type.qmin)
-    # A channel whose zero point sits at the grid's edge has no room on that side: its values there
-    # clip at every factor, so they must not shrink the factor.
-    fill = torch.where(room > 0, codes.abs() / torch.clamp(room, min=1), torch.zeros_like(codes))
-    return fill.amax(dim=-1, keepdim=True).clamp_(_MIN_FACTOR, 1.0)
+    return _factors(x / scale, zero_point, bit_type)
 
 
 def token_scaled_fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, bit_type: BitTypeConfig) -> Tensor:
     """Quantize and dequantize ``x`` (tokens on the second-to-last axis, channels last) on the calibrated
     grid refined per token by :func:`token_factors`."""
-    step = scale * token_factors(x, scale, zero_point, bit_type)
-    return (x / step).round_().clamp_(bit_type.qmin - zero_point, bit_type.qmax - zero_point).mul_(step)
+    codes = x / scale  # signed distance from the zero point, in calibrated steps: read once, for both
+    factors = _factors(codes, zero_point, bit_type)
+    return codes.div_(factors).round_().clamp_(bit_type.qmin - zero_point, bit_type.qmax - zero_point).mul_(factors * scale)
