@@ -76,7 +76,7 @@ def _plan(name: str, q: TensorQuantizer, zero_points: bool) -> ExportPoint:
         return ExportPoint(name, "float", "disabled", None, None)
     if name.endswith("softmax.input"):
         return ExportPoint(name, "float", "integer-softmax scores (the runtimes run the softmax in float)", None, None)
-    if spec.dynamic_token_scale:
+    if not q.static_grid:
         return ExportPoint(name, "float", "dynamic per-token scale (Q/DQ scales are static)", None, None)
     if not q.method.qdq_exportable:
         return ExportPoint(name, "float", f"{spec.quantizer} grid (Q/DQ is uniform)", None, None)

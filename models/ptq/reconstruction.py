@@ -79,7 +79,7 @@ def learnable_steps(block: nn.Module) -> dict[str, TensorQuantizer]:
     return {
         name: q for name, q in block.named_modules()
         if isinstance(q, TensorQuantizer) and not q.is_weight and q.enabled and q.is_calibrated and q.spec is not None
-        and q.method.learnable_scale and q.scale.dim() == 0 and q.ptf is None and not q.spec.dynamic_token_scale
+        and q.method.learnable_scale and q.scale.dim() == 0 and q.ptf is None and q.static_grid
     }  # fmt: skip
 
 

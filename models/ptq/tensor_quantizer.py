@@ -113,6 +113,12 @@ class TensorQuantizer(nn.Module):
         return self.scale.dim() == 1
 
     @property
+    def static_grid(self) -> bool:
+        """The calibrated ``scale`` / ``zero_point`` alone give the grid (no factor computed at run time):
+        what a Q/DQ export can write down and what LSQ can learn a step for."""
+        return self.spec is None or not self.spec.dynamic_token_scale
+
+    @property
     def is_calibrated(self) -> bool:
         return self._ready
 
@@ -270,7 +276,7 @@ class TensorQuantizer(nn.Module):
     def fake_quant_with(self, x: Tensor, scale: Tensor | float, zero_point: Tensor | float) -> Tensor:
         """``x`` on this point's grid with the given (broadcastable) parameters: what the scale search
         scores its candidates with, so that it judges the grid the model will run."""
-        if self.spec.dynamic_token_scale:
+        if not self.static_grid:
             return token_scaled_fake_quant(x, scale, zero_point, self.spec.bit_type)
         return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
 
