@@ -67,10 +67,13 @@ def main() -> int:
                 continue
             s = json.loads((run_dir / "qvit_summary.json").read_text())
             rows.append((recipe, observer, s, run_dir))
+    if not rows:  # nothing measured: no table file whose emptiness could be mistaken for a result
+        print("error: every run failed; no table written", file=sys.stderr)
+        return 1
 
     lines = [
-        f"{args.model}, {rows[0][2]['calib_samples'] if rows else 0} calibration images, "
-        f"{rows[0][2]['int8']['samples'] if rows else 0} evaluation images, {dt.date.today().isoformat()}",
+        f"{args.model}, {rows[0][2]['calib_samples']} calibration images, "
+        f"{rows[0][2]['int8']['samples']} evaluation images, {dt.date.today().isoformat()}",
         "",
         "| recipe | observer | FP32 top-1 | INT8 top-1 | drop | agreement | logit cosine | calibration s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

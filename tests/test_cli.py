@@ -308,3 +308,13 @@ def test_bad_calibrated_files(data, checkpoint, tmp_path):
     exists = tmp_path / "exists.pt"
     exists.write_bytes(b"")
     assert_user_error(run_cli(*fast(data, log, "--save-calibrated", exists)), log, "file exists")
+
+
+def test_accuracy_table_writes_no_table_when_every_run_fails(data, tmp_path):
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "bench.accuracy_table", "--data", data, "--recipes", "nosuch", "--log-dir", log]
+    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed: config 'nosuch' not found; shipped recipes: " in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "error: every run failed; no table written"
+    assert not log.exists() or not any(log.iterdir())
