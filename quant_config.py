@@ -136,6 +136,9 @@ class QuantizerSpec:
     # The residual stream: each token's codes rescaled at run time by its own factor f <= 1, so that its
     # largest value fills the calibrated grid (models/ptq/token_scale.py); the LayerNorm ignores f.
     dynamic_token_scale: bool = False
+    # With dynamic_token_scale: one factor per token and per this many consecutive channels (0: one per
+    # token). The LayerNorm then no longer cancels the factors; it multiplies each group's codes by them.
+    token_scale_group: int = 0
 
     def validate(self, where: str, kind: str) -> None:
         self.validate_values(where)
@@ -153,6 +156,7 @@ class QuantizerSpec:
         _check_bool(f"{where}.power_of_two_factor", self.power_of_two_factor)
         _check_bool(f"{where}.ptf_channel_zero_points", self.ptf_channel_zero_points)
         _check_bool(f"{where}.dynamic_token_scale", self.dynamic_token_scale)
+        _check_int(f"{where}.token_scale_group", self.token_scale_group, 0, 65536)
 
     def validate_combination(self, where: str, kind: str) -> None:
         """The fields together, for a tensor of ``kind``."""
@@ -190,6 +194,8 @@ class QuantizerSpec:
                 raise ConfigError(f"{where}.dynamic_token_scale applies only to layernorm_input (the residual stream), not to {kind}")
             if self.quantizer != "uniform":
                 raise ConfigError(f"{where}.dynamic_token_scale needs quantizer: uniform")
+        if self.token_scale_group and not self.dynamic_token_scale:
+            raise ConfigError(f"{where}.token_scale_group needs dynamic_token_scale: true")
 
 
 @dataclass(frozen=True)

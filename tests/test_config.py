@@ -42,6 +42,8 @@ def test_shipped_recipes_load():
         ("layernorm_input.ptf_channel_zero_points", 1, "ptf_channel_zero_points must be"),
         ("activation.dynamic_token_scale", True, "x.yaml.activation.dynamic_token_scale applies only to layernorm_input"),
         ("layernorm_input.dynamic_token_scale", "yes", "dynamic_token_scale must be"),
+        ("layernorm_input.token_scale_group", 16, "x.yaml.layernorm_input.token_scale_group needs dynamic_token_scale: true"),
+        ("layernorm_input.token_scale_group", -1, "token_scale_group must be an integer from 0 to 65536"),
         ("activation.percentile", 1.5, "percentile must be in"),
         ("weight.quantizer", "log2", "x.yaml.weight: the log2 quantizer has one scale per tensor"),
         ("weight.quantizer", "log_sqrt2", "x.yaml.weight: the log_sqrt2 quantizer has one scale per tensor"),

@@ -340,10 +340,15 @@ def test_the_token_scale_column_marks_the_residual_stream_and_its_error_is_the_r
     qvit = calibrated("fqvit_w8a8_att8", **{"layernorm_input.dynamic_token_scale": True, "layernorm_input.ptf_channel_zero_points": True})
     static = run_profile(calibrated("fqvit_w8a8_att8", **{"layernorm_input.ptf_channel_zero_points": True}), batches(1, 2)).table
     table = run_profile(qvit, batches(1, 2)).table
-    assert table["token_scale"].eq(table["kind"] == "layernorm_input").all()
+    assert table["token_scale"].eq(table["kind"] == "layernorm_input").all() and not table["token_scale_group"].any()
     stream = (table["kind"] == "layernorm_input").to_numpy()
     # Same calibration, a finer grid per token: every LayerNorm input's own error is lower.
     assert (table["mse"].to_numpy()[stream] < static["mse"].to_numpy()[stream]).all()
+    grouped = calibrated("fqvit_w8a8_att8", **{"layernorm_input.dynamic_token_scale": True, "layernorm_input.token_scale_group": 8,
+                                               "layernorm_input.ptf_channel_zero_points": True})
+    groups = run_profile(grouped, batches(1, 2)).table
+    assert groups["token_scale_group"].eq(stream * 8).all()
+    assert (groups["mse"].to_numpy()[stream] < table["mse"].to_numpy()[stream]).all()
 
 
 def test_table_columns_and_totals():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import calibrated, make_tiny_vit, reloaded, tiny_images
 from models.ptq.reconstruction import learnable_steps
 from models.ptq.token_scale import token_factors, token_scaled_fake_quant
-from quant_config import BitTypeConfig
+from quant_config import BitTypeConfig, ConfigError
 from utils.onnx_export import export_plan
 
 UINT8 = BitTypeConfig(bits=8, symmetric=False)
@@ -36,31 +36,59 @@ def static_grid(x: torch.Tensor, bt: BitTypeConfig) -> tuple[torch.Tensor, torch
     return scale, (bt.qmin - torch.round(lo / scale)).clamp(bt.qmin, bt.qmax)
 
 
-def reference(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Token by token, channel by channel: the largest factor f <= 1 at which some value of the token
-    reaches the last code on its side of the zero point, then that token on the grid scaled by f."""
+def reference(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, group: int = 0) -> np.ndarray:
+    """Token by token, and within a token group of channels by group (the whole token when ``group`` is
+    0): the largest factor f <= 1 at which some value of the group reaches the last code on its side of
+    the zero point (for a group, the next k / 255 above it), then that group on the grid scaled by f."""
     out = np.empty_like(x, dtype=np.float64)
+    width = group or x.shape[-1]
     for idx in np.ndindex(x.shape[:-1]):
         token = x[idx].astype(np.float64)
-        fill = 0.0
-        for c, v in enumerate(token):
-            room = (qmax - zp[c]) if v >= 0 else (zp[c] - qmin)
-            if room > 0:
-                fill = max(fill, abs(v / scale[c]) / room)
-        f = min(max(fill, 2.0**-24), 1.0)
-        for c, v in enumerate(token):
-            code = min(max(np.round(v / (scale[c] * f)) + zp[c], qmin), qmax)
-            out[idx + (c,)] = (code - zp[c]) * scale[c] * f
+        for start in range(0, len(token), width):
+            channels = range(start, start + width)
+            fill = 0.0
+            for c in channels:
+                room = (qmax - zp[c]) if token[c] >= 0 else (zp[c] - qmin)
+                if room > 0:
+                    fill = max(fill, abs(token[c] / scale[c]) / room)
+            f = min(max(fill, 2.0**-24), 1.0)
+            if group:  # a group's factor is stored as an 8-bit k / 255, rounded up
+                f = np.ceil(f * 255) / 255
+            for c in channels:
+                code = min(max(np.round(token[c] / (scale[c] * f)) + zp[c], qmin), qmax)
+                out[idx + (c,)] = (code - zp[c]) * scale[c] * f
     return out
 
 
+@pytest.mark.parametrize("group", [0, 8], ids=["token", "token-group-8"])
 @pytest.mark.parametrize("bt", [UINT8, INT6], ids=["uint8", "int6"])
-def test_matches_an_independent_per_token_reference(bt):
+def test_matches_an_independent_per_token_reference(bt, group):
     x = stream()
     scale, zp = static_grid(x, bt)
-    got = token_scaled_fake_quant(x, scale, zp, bt)
-    want = reference(x.numpy(), scale.numpy(), zp.numpy(), bt.qmin, bt.qmax)
+    got = token_scaled_fake_quant(x, scale, zp, bt, group)
+    want = reference(x.numpy(), scale.numpy(), zp.numpy(), bt.qmin, bt.qmax, group)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_groups_of_channels_are_never_coarser_than_one_factor_per_token():
+    # In every token but the two outliers the first half of the channels uses a tenth of the range the
+    # outliers set: one factor per token cannot stretch that half, one per group of 6 channels can.
+    x = stream(4)
+    quiet = torch.ones(2, 7, 1, dtype=torch.bool)
+    quiet[0, 3] = quiet[1, 5] = False
+    x[..., :12] = torch.where(quiet, x[..., :12] * 0.1, x[..., :12])
+    scale, zp = static_grid(x, UINT8)
+    per_token = token_factors(x, scale, zp, UINT8)
+    per_group = token_factors(x, scale, zp, UINT8, group=6)
+    assert per_group.shape == x.shape
+    # Each token's largest group factor is its per-token factor rounded up to the next k / 255.
+    torch.testing.assert_close(per_group.amax(-1, keepdim=True), torch.ceil(per_token * 255) / 255)
+    assert (per_group < per_token).any()
+    assert torch.equal(per_group * 255, torch.round(per_group * 255))
+    error = {g: (token_scaled_fake_quant(x, scale, zp, UINT8, g) - x)[quiet.squeeze(-1), :12].square().sum() for g in (0, 6)}
+    assert error[6] < 0.05 * error[0]
+    with pytest.raises(ValueError, match="token_scale_group 5 does not divide the stream's 24 channels"):
+        token_factors(x, scale, zp, UINT8, group=5)
 
 
 def test_never_coarser_than_the_static_grid_and_finer_for_narrow_tokens():
@@ -133,3 +161,8 @@ def test_onnx_export_keeps_a_per_token_point_in_float_and_reconstruction_learns_
         assert dynamic == all("dynamic per-token" in p.reason for p in stream_points)
         steps = learnable_steps(qvit.model.blocks[0])
         assert ("norm1.input_quant" in steps) != dynamic and "attn.qkv.input_quant" in steps
+
+
+def test_a_group_that_does_not_divide_a_layernorm_is_refused_before_calibration():
+    with pytest.raises(ConfigError, match=r"layernorm_input.token_scale_group: 5 does not divide the 32 channels of blocks.0.norm1"):
+        calibrated("fqvit_w8a8_att8", **{"layernorm_input.dynamic_token_scale": True, "layernorm_input.token_scale_group": 5})

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 STAT_COLUMNS = ("qsnr_db", "mse", "cosine", "kl", "outlier_ratio_fp32", "outlier_ratio_int8", "clipped_fraction")
 COLUMNS = (
     "name", "layer_type", "kind", "stage", "block", "bit_type", "quantizer", "observer", "calibration_mode", "ptf",
-    "token_scale", "enabled", "channels", "scale_min", "scale_max", "scale_mean", "zero_point_min", "zero_point_max", "clip_lo", "clip_hi",
+    "token_scale", "token_scale_group", "enabled", "channels", "scale_min", "scale_max", "scale_mean", "zero_point_min", "zero_point_max", "clip_lo", "clip_hi",
     "elements", "fp32_mean", "fp32_std", "fp32_min", "fp32_max",
     *STAT_COLUMNS,
     *(f"iso_{c}" for c in STAT_COLUMNS),
@@ -463,6 +463,7 @@ class _Profiler:
                 "calibration_mode": spec.calibration_mode,
                 "ptf": spec.power_of_two_factor,
                 "token_scale": spec.dynamic_token_scale,
+                "token_scale_group": spec.token_scale_group,
                 "enabled": q.enabled,
                 "channels": q.scale.numel(),
                 "scale_min": float(q.scale.min()),

@@ -130,7 +130,7 @@ class TensorQuantizer(nn.Module):
         if s.power_of_two_factor:
             parts.append("ptf")
         if s.dynamic_token_scale:
-            parts.append("token scale")
+            parts.append(f"token scale per {s.token_scale_group} channels" if s.token_scale_group else "token scale")
         if not self.enabled:
             parts.append("disabled")
         return ", ".join(parts)
@@ -277,7 +277,7 @@ class TensorQuantizer(nn.Module):
         """``x`` on this point's grid with the given (broadcastable) parameters: what the scale search
         scores its candidates with, so that it judges the grid the model will run."""
         if not self.static_grid:
-            return token_scaled_fake_quant(x, scale, zero_point, self.spec.bit_type)
+            return token_scaled_fake_quant(x, scale, zero_point, self.spec.bit_type, self.spec.token_scale_group)
         return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
 
     def quantize(self, x: Tensor) -> Tensor:
