@@ -143,6 +143,10 @@ def test_beyond_fqvit_recipes_stay_fully_quantized():
     full6 = load_recipe("fqvit_plus_w6a6")
     assert {spec.bit_type.bits for spec in (full6.weight, full6.activation, full6.layernorm_input, full6.attention)} == {6}
     assert full6.reconstruction is not None and full6.layernorm_input.ptf_channel_zero_points
+    # Both 6-bit recipes scale the stream at run time: the 8-bit one per token, the 6-bit one per token
+    # and 16 channels (6.5 bits a value with its 8-bit factors).
+    assert w6.layernorm_input.dynamic_token_scale and w6.layernorm_input.token_scale_group == 0
+    assert full6.layernorm_input.dynamic_token_scale and full6.layernorm_input.token_scale_group == 16
     assert load_recipe("fqvit_plus_w8a8").layernorm_input.ptf_channel_zero_points
     assert full6.layers == w6.layers == {"*blocks.*.mlp.fc2.input_quant": {"quantizer": "twin_uniform", "bit_type": {"bits": 6, "symmetric": True}}}
     w4a4 = load_recipe("fqvit_plus_w4a4")  # 4 bits but for the residual stream at its LayerNorms
