@@ -97,25 +97,12 @@ class UnsupportedModelError(ValueError):
 _FLOAT_OK = (VisionTransformer, SwinTransformer, LayerScale, PatchEmbed)
 
 
-def _check_token_scale_groups(model: nn.Module, recipe: QuantRecipe) -> None:
-    """``layernorm_input.token_scale_group`` must split every LayerNorm's channels into whole groups."""
-    spec = recipe.layernorm_input
-    group = spec.token_scale_group if spec is not None else 0
-    for name, module in model.named_modules():
-        if group and isinstance(module, nn.LayerNorm) and module.normalized_shape[-1] % group:
-            raise ConfigError(
-                f"{recipe.name}.layernorm_input.token_scale_group: {group} does not divide the "
-                f"{module.normalized_shape[-1]} channels of {name}"
-            )
-
-
 class QVit(nn.Module):
     """A quantized view of a timm ViT: ``QVit(model, recipe)`` converts ``model`` in place and wraps it."""
 
     def __init__(self, model: nn.Module, recipe: QuantRecipe) -> None:
         super().__init__()
         check_supported(model)  # before touching the model: a refused model is left as it was
-        _check_token_scale_groups(model, recipe)
         self.recipe = recipe
         self.state = QuantState(QuantMode.QUANT)
         self.model = model
@@ -128,6 +115,11 @@ class QVit(nn.Module):
         for name, quantizer in self.model.named_modules():
             if isinstance(quantizer, TensorQuantizer):
                 quantizer.name = name
+                group = quantizer.spec.token_scale_group if quantizer.spec is not None else 0
+                if group and quantizer.num_channels % group:
+                    raise ConfigError(
+                        f"{recipe.name}: token_scale_group {group} does not divide the {quantizer.num_channels} channels of {name}"
+                    )
         # In the wrapped model's mode, for the QVit and the quantizers it added: an exporter that restores
         # "the model's" training mode afterwards (torch.onnx) must not switch an eval model's DropPath on.
         self.train(model.training)

@@ -226,6 +226,8 @@ def test_bad_arguments(data, tmp_path, make_args, pattern):
         ('{"blocks.*.mlp.fc3.input_quant": null}', r"layers: pattern 'blocks.\*.mlp.fc3.input_quant' matches no quantization point"),
         ('{"*fc2.input_quant": {quantizer: twin_uniform}}', r"layers\['\*fc2.input_quant'\]: the twin_uniform quantizer uses signed codes"),
         ('{"*.norm1.input_quant": {power_of_two_factor: true, calibration_mode: layer_wise}}', "power_of_two_factor needs calibration_mode: channel_wise"),
+        ('{"blocks.0.norm1.input_quant": {dynamic_token_scale: true, token_scale_group: 5}}',
+         r"token_scale_group 5 does not divide the \d+ channels of blocks.0.norm1.input_quant"),
     ],
 )
 def test_layers_that_do_not_fit_the_model_are_refused(tmp_path, layers, pattern):

@@ -164,5 +164,5 @@ def test_onnx_export_keeps_a_per_token_point_in_float_and_reconstruction_learns_
 
 
 def test_a_group_that_does_not_divide_a_layernorm_is_refused_before_calibration():
-    with pytest.raises(ConfigError, match=r"layernorm_input.token_scale_group: 5 does not divide the 32 channels of blocks.0.norm1"):
+    with pytest.raises(ConfigError, match=r"token_scale_group 5 does not divide the 32 channels of blocks.0.norm1.input_quant"):
         calibrated("fqvit_w8a8_att8", **{"layernorm_input.dynamic_token_scale": True, "layernorm_input.token_scale_group": 5})
