@@ -70,7 +70,7 @@ def test_matches_an_independent_per_token_reference(bt, group):
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5)
 
 
-def test_groups_of_channels_are_never_coarser_than_one_factor_per_token():
+def test_groups_of_channels_refine_the_per_token_factor_where_a_token_is_uneven():
     # In every token but the two outliers the first half of the channels uses a tenth of the range the
     # outliers set: one factor per token cannot stretch that half, one per group of 6 channels can.
     x = stream(4)
