@@ -19,7 +19,14 @@ def start_demo(tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
     (tmp_path / "tmp").mkdir()
     cmd = [sys.executable, str(ROOT / "test_qvit.py"), "--demo", "--no-progress", "--workers", "0", "--log-dir", str(tmp_path / "log")]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Each stop signal at its default, as in a terminal: started from a background job, the child would
+    # inherit an ignored SIGINT (and under nohup an ignored SIGHUP), which it rightly keeps ignoring.
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def wait_for(process: subprocess.Popen, text: str, timeout: float = 240) -> str:
@@ -57,3 +64,29 @@ def test_a_stopped_run_leaves_nothing_and_says_why(tmp_path, stage, signum):
     log = tmp_path / "log"
     assert not log.exists() or list(log.iterdir()) == []  # no run folder, no hidden partial one
     assert list((tmp_path / "tmp").iterdir()) == []  # the demo's generated images are gone
+
+
+def test_a_signal_the_caller_ignores_stays_ignored(capsys):
+    # nohup ignores SIGHUP so that a closed terminal does not stop the run; SIGTERM still stops it.
+    from utils.errors import run_script
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        def hang_up() -> str:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)  # the signal is delivered by now; ignored, it changes nothing
+            return "done"
+
+        assert run_script(hang_up) == 0
+        assert capsys.readouterr().out.strip() == "done"
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+        def terminate() -> str:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            return "not reached"
+
+        assert run_script(terminate) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip() == "stopped by SIGTERM"
+    finally:
+        signal.signal(signal.SIGHUP, previous)

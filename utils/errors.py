@@ -50,7 +50,9 @@ def run_script(action: Callable[[], object], user_errors: tuple[type[Exception],
     line (exit 2); Ctrl-C, SIGTERM or SIGHUP one line (exit 130, 143, 129) after everything cleaned up."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    # A signal the caller set to be ignored stays ignored: `nohup` ignores SIGHUP so that closing the
+    # terminal does not stop the run (Python leaves an ignored SIGINT alone for the same reason).
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
     try:
         result = action()
     except user_errors as exc:
