@@ -60,17 +60,20 @@ def _factors(codes: Tensor, zero_point: Tensor | float, bit_type: BitTypeConfig,
     """:func:`token_factors` from ``codes = x / scale``. Only the channel-sized room is built: a value's
     fill on the wrong side of the zero point is negative and never wins the maximum."""
     inv_above, inv_below = _inverse_room(zero_point, bit_type, codes)
-    if not group:
-        fill = torch.maximum((codes * inv_above).amax(dim=-1, keepdim=True), (codes * -inv_below).amax(dim=-1, keepdim=True))
-        return fill.clamp_(_MIN_FACTOR, 1.0)
     channels = codes.shape[-1]
-    if channels % group:
+    width = group or channels
+    if channels % width:
         raise ValueError(f"token_scale_group {group} does not divide the stream's {channels} channels")
-    fill = torch.maximum(codes * inv_above, codes * -inv_below).unflatten(-1, (channels // group, group)).amax(dim=-1)
+
+    def fill(ratio: Tensor) -> Tensor:  # the largest ratio of each token's group
+        return ratio.unflatten(-1, (channels // width, width)).amax(dim=-1)
+
+    factors = torch.maximum(fill(codes * inv_above), fill(codes * -inv_below)).clamp_(_MIN_FACTOR, 1.0)
+    if not group:
+        return factors
     # Stored next to every `group` codes, a group's factor counts in the stream's width: it is held as
     # 8 bits, k / 255, rounded up so that no value clips (6-bit codes in groups of 16: 6.5 bits a value).
-    factors = fill.clamp_(_MIN_FACTOR, 1.0).mul_(_GROUP_FACTOR_LEVELS).ceil_().div_(_GROUP_FACTOR_LEVELS)
-    return factors.repeat_interleave(group, dim=-1)
+    return factors.mul_(_GROUP_FACTOR_LEVELS).ceil_().div_(_GROUP_FACTOR_LEVELS).repeat_interleave(group, dim=-1)
 
 
 def token_factors(
