@@ -1,9 +1,10 @@
-"""Lookups over an ONNX graph that the export checks and the runtime-specific rewrites share."""
+"""Lookups over an ONNX graph, and the edits, that the export checks and the runtime-specific rewrites
+(utils/ort_model.py, utils/openvino_model.py) share."""
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["constants", "consumers", "producers"]
+__all__ = ["GraphEdit", "constants", "consumers", "linear_bias", "linear_weight", "perm", "producers"]
 
 
 def constants(model) -> dict[str, np.ndarray]:
@@ -29,3 +30,80 @@ def consumers(model) -> dict[str, list]:
 def producers(model) -> dict[str, object]:
     """Tensor name -> the node that writes it."""
     return {out: node for node in model.graph.node for out in node.output}
+
+
+def perm(node) -> list[int] | None:
+    """A ``Transpose`` node's permutation (None when it has no ``perm`` attribute)."""
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+class GraphEdit:
+    """A model's nodes with name lookups, and the edits to apply at the end (:meth:`commit`)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.constants = constants(model)
+        self.producers = producers(model)
+        self.consumers = consumers(model)
+        self.removed: set[int] = set()  # id() of nodes to drop
+        self.replaced: dict[int, list] = {}  # id() of a node -> the nodes written in its place
+        self.new_initializers: dict[str, object] = {}
+        self.stale: set[str] = set()  # tensors whose recorded type or shape the edits changed
+
+    def initializer(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.new_initializers:
+            self.new_initializers[name] = numpy_helper.from_array(value, name)
+        return name
+
+    def only_user(self, tensor: str, node) -> bool:
+        return [id(n) for n in self.consumers.get(tensor, [])] == [id(node)]
+
+    def sole_reader(self, tensor: str, op_type: str):
+        """The one node that reads ``tensor`` when there is exactly one and it is an ``op_type``; else None."""
+        users = self.consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def commit(self) -> None:
+        nodes = [new for n in self.model.graph.node for new in self.replaced.get(id(n), [] if id(n) in self.removed else [n])]
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
+        self.model.graph.initializer.extend(self.new_initializers.values())
+        used = {name for node in nodes for name in node.input}
+        kept = [init for init in self.model.graph.initializer if init.name in used]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(kept)
+        # Shape inference's records of edited tensors are dropped; the runtimes infer them again.
+        infos = [info for info in self.model.graph.value_info if info.name not in self.stale]
+        del self.model.graph.value_info[:]
+        self.model.graph.value_info.extend(infos)
+
+
+def linear_weight(graph: GraphEdit, matmul):
+    """(Transpose, weight DequantizeLinear, int8 codes [out, in]) when the MatMul's second input is the
+    exported Linear weight ``int8 [out, in] -> DequantizeLinear(axis 0) -> Transpose``; else None."""
+    transpose = graph.producers.get(matmul.input[1])
+    if transpose is None or transpose.op_type != "Transpose" or not graph.only_user(transpose.output[0], matmul):
+        return None
+    dq = graph.producers.get(transpose.input[0])
+    if perm(transpose) != [1, 0] or dq is None or dq.op_type != "DequantizeLinear" or not graph.only_user(dq.output[0], transpose):
+        return None
+    codes = graph.constants.get(dq.input[0])
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if codes is None or codes.dtype != np.int8 or codes.ndim != 2 or axis != 0:
+        return None
+    return transpose, dq, codes
+
+
+def linear_bias(graph: GraphEdit, matmul, columns: int):
+    """(Add, bias name) when the MatMul's only reader adds a constant vector of its output width; else None."""
+    users = graph.consumers.get(matmul.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    add = users[0]
+    other = [name for name in add.input if name != matmul.output[0]]
+    bias = graph.constants.get(other[0]) if len(other) == 1 else None
+    if bias is None or bias.dtype != np.float32 or bias.shape != (columns,):
+        return None
+    return add, other[0]
