@@ -211,7 +211,8 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
         report.update(facts)
         if runtime == "openvino":
             types = facts["openvino_ir_constant_bytes"]
-            print(f"      OpenVINO IR {path.name}/.bin: constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in sorted(types.items(), key=lambda kv: -kv[1]))}")
+            print(f"      OpenVINO IR {path.name}/.bin: {facts['openvino_model']['qkv_split']} qkv as q, k, v; "
+                  f"constants {', '.join(f'{t} {n / 2**20:.1f} MiB' for t, n in sorted(types.items(), key=lambda kv: -kv[1]))}")  # fmt: skip
         else:
             rewrite = facts["ort_model"]
             print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat "

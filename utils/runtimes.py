@@ -4,8 +4,8 @@ Both read the Q/DQ ONNX file (utils/onnx_export.py) and turn the QuantizeLinear/
 pairs into integer kernels: ONNX Runtime's QDQ transformer (MatMulIntegerToFloat, QLinearMatMul, ...),
 OpenVINO's low-precision transformations (the pairs become FakeQuantize, the int8 weights stay int8
 constants). :func:`save_deployed` writes each runtime's own form of it, the file that is verified,
-timed and shipped: the OpenVINO IR, and ONNX Runtime's form (utils/ort_model.py: Linear biases inside
-the integer kernels). A model is a callable ``images (numpy, NCHW float32) -> logits (numpy)``.
+timed and shipped: the OpenVINO IR (utils/openvino_model.py: the fused qkv Linear split in three), and
+ONNX Runtime's form (utils/ort_model.py: Linear biases inside the integer kernels, qkv split too). A model is a callable ``images (numpy, NCHW float32) -> logits (numpy)``.
 
 OpenVINO is pinned to FP32 inference precision: on CPUs with bfloat16 units its default would run the
 float parts of both the FP32 and the INT8 model in bfloat16, which is a different model from the one
@@ -24,7 +24,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "save_deployed", "save_openvino_ir", "unavailable_reason", "ir_constant_types"]
+__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "openvino_core", "save_deployed", "unavailable_reason", "ir_constant_types"]
 
 RUNTIMES = ("ort", "openvino", "tensorrt")
 CPU_RUNTIMES = ("ort", "openvino")
@@ -69,7 +69,7 @@ def _ort(path: Path, threads: int | None) -> Model:
 
 
 @functools.cache
-def _openvino_core():
+def openvino_core():
     """One OpenVINO Core per process, as OpenVINO advises: each Core loads its plugins, and compiled models
     outliving the Core that made them have crashed the interpreter when collected later."""
     import openvino as ov
@@ -81,7 +81,7 @@ def _openvino(path: Path, threads: int | None) -> Model:
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    compiled = openvino_core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     return lambda images, compiled=compiled: request.infer({0: images})[0]  # the request with its compiled model
 
@@ -89,19 +89,6 @@ def _openvino(path: Path, threads: int | None) -> Model:
 def load_model(runtime: str, path: Path, threads: int | None = None) -> Model:
     """``path`` (ONNX, or an OpenVINO IR ``.xml``) compiled for ``runtime`` on the CPU."""
     return {"ort": _ort, "openvino": _openvino}[runtime](Path(path), threads)
-
-
-def save_openvino_ir(onnx_path: Path, xml_path: Path) -> None:
-    """Convert ``onnx_path`` to OpenVINO IR (``xml_path`` and the ``.bin`` beside it), weights as stored
-    in the ONNX model: int8 weights stay int8 (no FP16 compression of the float ones either).
-
-    Read by the runtime's ONNX frontend (``Core.read_model``), as compiling the ONNX file does: the
-    model-conversion API (``ov.convert_model``) rewrites the Q/DQ pattern into one the CPU plugin ran
-    1.6x slower here (DeiT-tiny ``cpu_int8``, batch 32: 210 against 340 images/s).
-    """
-    import openvino as ov
-
-    ov.save_model(_openvino_core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
 
 
 def ir_constant_types(xml_path: Path) -> Counter:
@@ -118,13 +105,15 @@ def ir_constant_types(xml_path: Path) -> Counter:
 
 def save_deployed(runtime: str, int8_onnx: Path) -> tuple[Path, dict]:
     """Write ``runtime``'s own form of the Q/DQ model ``int8_onnx`` beside it; returns its path and what it
-    holds (for the report): the IR's constant bytes by type, or what ONNX Runtime's rewrite changed."""
+    holds (for the report): what the runtime's rewrite changed, and the IR's constant bytes by type."""
     import dataclasses
 
     target = Path(int8_onnx).with_name(Path(int8_onnx).name.removesuffix(".onnx") + DEPLOYED_SUFFIXES[runtime])
     if runtime == "openvino":
-        save_openvino_ir(int8_onnx, target)
-        return target, {"openvino_ir_constant_bytes": dict(ir_constant_types(target))}
+        from utils.openvino_model import save_openvino_model
+
+        rewrite = save_openvino_model(int8_onnx, target)
+        return target, {"openvino_ir_constant_bytes": dict(ir_constant_types(target)), "openvino_model": dataclasses.asdict(rewrite)}
     from utils.ort_model import save_ort_model
 
     return target, {"ort_model": dataclasses.asdict(save_ort_model(int8_onnx, target))}
