@@ -2,9 +2,12 @@
 (utils/ort_model.py, utils/openvino_model.py) share."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-__all__ = ["GraphEdit", "constants", "consumers", "linear_bias", "linear_weight", "perm", "producers"]
+__all__ = ["GraphEdit", "QuantizedLinear", "constants", "consumers", "perm", "producers", "quantized_linears"]
 
 
 def constants(model) -> dict[str, np.ndarray]:
@@ -80,7 +83,7 @@ class GraphEdit:
         self.model.graph.value_info.extend(infos)
 
 
-def linear_weight(graph: GraphEdit, matmul):
+def _linear_weight(graph: GraphEdit, matmul):
     """(Transpose, weight DequantizeLinear, int8 codes [out, in]) when the MatMul's second input is the
     exported Linear weight ``int8 [out, in] -> DequantizeLinear(axis 0) -> Transpose``; else None."""
     transpose = graph.producers.get(matmul.input[1])
@@ -96,7 +99,7 @@ def linear_weight(graph: GraphEdit, matmul):
     return transpose, dq, codes
 
 
-def linear_bias(graph: GraphEdit, matmul, columns: int):
+def _linear_bias(graph: GraphEdit, matmul, columns: int):
     """(Add, bias name) when the MatMul's only reader adds a constant vector of its output width; else None."""
     users = graph.consumers.get(matmul.output[0], [])
     if len(users) != 1 or users[0].op_type != "Add":
@@ -107,3 +110,33 @@ def linear_bias(graph: GraphEdit, matmul, columns: int):
     if bias is None or bias.dtype != np.float32 or bias.shape != (columns,):
         return None
     return add, other[0]
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """An exported quantized Linear: ``DequantizeLinear(x_q) -> MatMul <- Transpose <- DequantizeLinear(W_q)``,
+    with its bias ``Add`` when it has one."""
+
+    matmul: Any
+    activation: Any  # the input's DequantizeLinear
+    transpose: Any  # the weight's Transpose
+    weight: Any  # the weight's DequantizeLinear (axis 0)
+    codes: np.ndarray  # the int8 weight [out, in]
+    bias: tuple | None  # (Add, bias name), or None without a bias
+
+    @property
+    def last(self):
+        """The node whose output is the Linear's."""
+        return self.matmul if self.bias is None else self.bias[0]
+
+
+def quantized_linears(graph: GraphEdit) -> list[QuantizedLinear]:
+    """Every exported quantized Linear of the graph, in graph order."""
+    found = []
+    for matmul in graph.model.graph.node:
+        activation = graph.producers.get(matmul.input[0]) if matmul.op_type == "MatMul" else None
+        weight = _linear_weight(graph, matmul) if activation is not None and activation.op_type == "DequantizeLinear" else None
+        if weight is not None:
+            transpose, dq, codes = weight
+            found.append(QuantizedLinear(matmul, activation, transpose, dq, codes, _linear_bias(graph, matmul, codes.shape[0])))
+    return found

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.onnx_graph import GraphEdit, linear_bias, linear_weight
+from utils.onnx_graph import GraphEdit, QuantizedLinear, quantized_linears
 from utils.qkv_split import FusedLinear, split_qkv
 
 __all__ = ["OpenVinoRewrite", "save_openvino_model"]
@@ -39,40 +39,30 @@ class OpenVinoRewrite:
     qkv_split: int  # fused qkv Linears written as three Q/DQ Linears, each transposed once into its heads' layout
 
 
-def _quantized_linears(graph: GraphEdit) -> list[FusedLinear]:
-    """Every exported quantized Linear: ``DequantizeLinear(x) -> MatMul <- Transpose <- DequantizeLinear(W)``
-    with its bias ``Add`` when it has one; each part keeps that form on its rows of ``W``."""
+def _splittable(graph: GraphEdit, linear: QuantizedLinear) -> FusedLinear:
+    """A quantized Linear whose parts keep its Q/DQ form, each on its rows of ``W`` (and of the per-channel
+    scale and zero point, and of the bias)."""
     from onnx import helper
 
-    found = []
-    for matmul in graph.model.graph.node:
-        activation = graph.producers.get(matmul.input[0]) if matmul.op_type == "MatMul" else None
-        weight = linear_weight(graph, matmul) if activation is not None and activation.op_type == "DequantizeLinear" else None
-        if weight is None:
-            continue
-        transpose, dq, codes = weight
-        rows = codes.shape[0]
-        bias = linear_bias(graph, matmul, rows)
+    rows = linear.codes.shape[0]
 
-        def write_part(part: int, block: slice, out: str, matmul=matmul, dq=dq, bias=bias, rows=rows) -> list:
-            def sliced(name: str) -> str:  # the codes, and the per-channel scale and zero point (a per-tensor one stays)
-                value = graph.constants[name]
-                return graph.initializer(f"{name}.part{part}", np.ascontiguousarray(value[block])) if value.ndim and value.shape[0] == rows else name
+    def sliced(name: str, part: int, block: slice) -> str:  # a per-tensor scale or zero point stays as it is
+        value = graph.constants[name]
+        return graph.initializer(f"{name}.part{part}", np.ascontiguousarray(value[block])) if value.ndim and value.shape[0] == rows else name
 
-            name = f"{matmul.name}.part{part}"
-            product = out if bias is None else f"{out}.matmul"
-            nodes = [
-                helper.make_node("DequantizeLinear", [sliced(i) for i in dq.input], [f"{name}.weight"], name=f"{name}.weight", axis=0),
-                helper.make_node("Transpose", [f"{name}.weight"], [f"{name}.weight_t"], name=f"{name}.weight_t", perm=[1, 0]),
-                helper.make_node("MatMul", [matmul.input[0], f"{name}.weight_t"], [product], name=name),
-            ]
-            if bias is not None:
-                nodes.append(helper.make_node("Add", [product, sliced(bias[1])], [out], name=f"{name}.bias"))
-            return nodes
+    def write_part(part: int, block: slice, out: str) -> list:
+        name = f"{linear.matmul.name}.part{part}"
+        product = out if linear.bias is None else f"{out}.matmul"
+        nodes = [
+            helper.make_node("DequantizeLinear", [sliced(i, part, block) for i in linear.weight.input], [f"{name}.weight"], name=f"{name}.weight", axis=0),
+            helper.make_node("Transpose", [f"{name}.weight"], [f"{name}.weight_t"], name=f"{name}.weight_t", perm=[1, 0]),
+            helper.make_node("MatMul", [linear.matmul.input[0], f"{name}.weight_t"], [product], name=name),
+        ]
+        if linear.bias is not None:
+            nodes.append(helper.make_node("Add", [product, sliced(linear.bias[1], part, block)], [out], name=f"{name}.bias"))
+        return nodes
 
-        last = matmul if bias is None else bias[0]
-        found.append(FusedLinear(last, (dq, transpose, matmul, last), rows, write_part))
-    return found
+    return FusedLinear(linear.last, (linear.weight, linear.transpose, linear.matmul, linear.last), rows, write_part)
 
 
 def save_openvino_model(source: Path, xml: Path) -> OpenVinoRewrite:
@@ -85,7 +75,7 @@ def save_openvino_model(source: Path, xml: Path) -> OpenVinoRewrite:
 
     model = onnx.load(str(source))
     graph = GraphEdit(model)
-    qkv = split_qkv(graph, _quantized_linears(graph), fold_k_transpose=False)
+    qkv = split_qkv(graph, [_splittable(graph, linear) for linear in quantized_linears(graph)], fold_k_transpose=False)
     graph.commit()
     ov.save_model(openvino_core().read_model(model.SerializeToString()), str(xml), compress_to_fp16=False)
     log.info("OpenVINO form: %d qkv Linears split in three", qkv)

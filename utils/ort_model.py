@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.onnx_graph import GraphEdit, linear_bias, linear_weight
+from utils.onnx_graph import GraphEdit, quantized_linears
 from utils.qkv_split import FusedLinear, split_qkv
 
 __all__ = ["OrtRewrite", "save_ort_model"]
@@ -68,28 +68,20 @@ def _shift_activations_to_uint8(graph: GraphEdit) -> int:
 def _fuse_linears(graph: GraphEdit) -> int:
     from onnx import helper
 
-    fused = 0
-    for matmul in list(graph.model.graph.node):
-        if matmul.op_type != "MatMul":
-            continue
-        activation = graph.producers.get(matmul.input[0])
-        weight = linear_weight(graph, matmul)
-        if activation is None or activation.op_type != "DequantizeLinear" or weight is None:
-            continue
-        transpose, weight_dq, codes = weight
-        bias = linear_bias(graph, matmul, codes.shape[0])
-        codes_t = graph.initializer(f"{weight_dq.input[0]}.transposed", np.ascontiguousarray(codes.T))
+    linears = quantized_linears(graph)
+    for linear in linears:
+        activation, weight_dq, last = linear.activation, linear.weight, linear.last
+        codes_t = graph.initializer(f"{weight_dq.input[0]}.transposed", np.ascontiguousarray(linear.codes.T))
         zero = lambda node: node.input[2] if len(node.input) > 2 else ""  # noqa: E731
         inputs = [activation.input[0], codes_t, activation.input[1], weight_dq.input[1], zero(activation), zero(weight_dq)]
-        last = matmul if bias is None else bias[0]  # the new node takes the last replaced node's place: its inputs all exist by then
-        if bias is not None:
-            inputs.append(bias[1])
-        graph.replaced[id(last)] = [helper.make_node("MatMulIntegerToFloat", inputs, [last.output[0]], name=f"{matmul.name}.integer", domain=CONTRIB_DOMAIN)]
-        graph.removed.update({id(matmul), id(transpose), id(weight_dq), id(last)})
-        if graph.only_user(activation.output[0], matmul):
+        if linear.bias is not None:
+            inputs.append(linear.bias[1])
+        # The new node takes the last replaced node's place: its inputs all exist by then.
+        graph.replaced[id(last)] = [helper.make_node("MatMulIntegerToFloat", inputs, [last.output[0]], name=f"{linear.matmul.name}.integer", domain=CONTRIB_DOMAIN)]
+        graph.removed.update({id(linear.matmul), id(linear.transpose), id(weight_dq), id(last)})
+        if graph.only_user(activation.output[0], linear.matmul):
             graph.removed.add(id(activation))
-        fused += 1
-    return fused
+    return len(linears)
 
 
 def _split_qkv(graph: GraphEdit) -> int:
