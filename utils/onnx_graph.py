@@ -129,6 +129,12 @@ class QuantizedLinear:
         """The node whose output is the Linear's."""
         return self.matmul if self.bias is None else self.bias[0]
 
+    @property
+    def nodes(self) -> tuple:
+        """The weight's nodes, the MatMul and the bias Add: what a rewrite replaces (the input's
+        DequantizeLinear may feed other readers)."""
+        return (self.weight, self.transpose, self.matmul, *((self.bias[0],) if self.bias is not None else ()))
+
 
 def quantized_linears(graph: GraphEdit) -> list[QuantizedLinear]:
     """Every exported quantized Linear of the graph, in graph order."""

@@ -62,7 +62,7 @@ def _splittable(graph: GraphEdit, linear: QuantizedLinear) -> FusedLinear:
             nodes.append(helper.make_node("Add", [product, sliced(linear.bias[1], part, block)], [out], name=f"{name}.bias"))
         return nodes
 
-    return FusedLinear(linear.last, (linear.weight, linear.transpose, linear.matmul, linear.last), rows, write_part)
+    return FusedLinear(linear.last, linear.nodes, rows, write_part)
 
 
 def save_openvino_model(source: Path, xml: Path) -> OpenVinoRewrite:

@@ -78,7 +78,7 @@ def _fuse_linears(graph: GraphEdit) -> int:
             inputs.append(linear.bias[1])
         # The new node takes the last replaced node's place: its inputs all exist by then.
         graph.replaced[id(last)] = [helper.make_node("MatMulIntegerToFloat", inputs, [last.output[0]], name=f"{linear.matmul.name}.integer", domain=CONTRIB_DOMAIN)]
-        graph.removed.update({id(linear.matmul), id(linear.transpose), id(weight_dq), id(last)})
+        graph.removed.update(map(id, linear.nodes))
         if graph.only_user(activation.output[0], linear.matmul):
             graph.removed.add(id(activation))
     return len(linears)
