@@ -216,7 +216,8 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
         else:
             rewrite = facts["ort_model"]
             print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat "
-                  f"({rewrite['qkv_split']} qkv as q, k, v), {rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128")  # fmt: skip
+                  f"({rewrite['qkv_split']} qkv as q, k, v), {rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128, "
+                  f"{rewrite['layout_moves']} layout changes moved onto codes, {rewrite['scales_folded']} q scales folded")  # fmt: skip
     return report
 
 

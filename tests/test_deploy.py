@@ -176,6 +176,21 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     assert "Split" not in {n.op_type for n in model.graph.node}
     perms = [list(onnx.helper.get_attribute_value(n.attribute[0])) for n in model.graph.node if n.op_type == "Transpose"]
     assert perms.count([0, 2, 3, 1]) == depth and [0, 1, 3, 2] not in perms
+    # Layout changes come after the per-tensor quantizers, so they move codes: no quantizer reads a
+    # Transpose or Reshape, and k's transpose reads k's codes. q's scale (head_dim 16: 0.25, a power of
+    # two) is in its GEMM: no Mul reads a GEMM.
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def origin(name: str):  # the node a tensor comes from, through layout changes
+        node = producers[name]
+        return origin(node.input[0]) if node.op_type in ("Transpose", "Reshape") else node
+
+    assert rewrite.layout_moves > 0 and rewrite.scales_folded == depth
+    assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and getattr(producers.get(n.input[0]), "op_type", "") in ("Transpose", "Reshape")]
+    k_transposes = [n for n in model.graph.node if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 3, 1]]
+    assert [origin(n.input[0]).op_type for n in k_transposes] == ["QuantizeLinear"] * depth
+    constant = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Mul" and n.input[1] in constant and producers[n.input[0]].op_type == "MatMulIntegerToFloat"]
     # Weights reach float kernels only in the patch embedding's Conv and the head's Gemm; every
     # activation pair is uint8, and the shifted ones are the source's int8 activation pairs.
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -381,6 +396,7 @@ def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu
     assert "OpenVINO IR int8.xml/.bin: 12 qkv as q, k, v; constants i8" in result.stdout
     assert (folder / "int8.ort.onnx").is_file() and report["ort_model"]["linears_fused"] == 4 * 12  # DeiT-tiny: 12 blocks
     assert "ONNX Runtime form int8.ort.onnx: 48 Linears with their bias" in result.stdout
+    assert report["ort_model"]["scales_folded"] == 12 and ", 12 q scales folded" in result.stdout  # head_dim 64: 1/8
 
 
 def test_missing_openvino_is_one_line_and_the_rest_runs(calibrated_run, tmp_path):  # noqa: F811

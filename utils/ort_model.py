@@ -21,6 +21,16 @@ on the same grid, the same clamp, the same dequantized values. Weights stay int8
 The attention's fused qkv Linear is written as three ``MatMulIntegerToFloat`` on the weight's column
 blocks, each transposed once straight into the layout its matmul reads (k to ``[B, heads, dim, N]``):
 utils/qkv_split.py, which says why.
+
+Two exact moves then take float passes out of the attention:
+
+* a ``Transpose`` or ``Reshape`` that feeds only a per-tensor quantizer (or a Mul by a scalar on its
+  way there) is moved after it: one scale and zero point commute with any layout change, and the
+  heads' transposes of q and k and the transpose back before ``proj`` then move 1-byte codes instead of
+  4-byte floats;
+* the ``q * head_dim ** -0.5`` Mul is folded into the q GEMM's weight scales and bias when that factor is
+  a power of two (head_dim 64 or 16: exact, a power of two only moves the exponent), so q leaves its
+  GEMM already scaled.
 """
 from __future__ import annotations
 
@@ -47,6 +57,8 @@ class OrtRewrite:
     linears_fused: int  # quantized Linears now one MatMulIntegerToFloat (with their bias when they had one)
     qkv_split: int  # fused qkv Linears written as three GEMMs, each transposed once into its heads' layout
     activations_shifted: int  # QuantizeLinear/DequantizeLinear nodes moved from int8 to uint8 (+128)
+    layout_moves: int  # Transpose/Reshape nodes moved after the per-tensor quantizer (or scalar Mul) they fed
+    scales_folded: int  # power-of-two scalar Muls folded into the GEMM before them (q's head_dim ** -0.5)
 
 
 def _shift_activations_to_uint8(graph: GraphEdit) -> int:
@@ -106,12 +118,71 @@ def _split_qkv(graph: GraphEdit) -> int:
     return split_qkv(graph, map(linear, gemms), fold_k_transpose=True)
 
 
+def _elementwise_with_one_value(graph: GraphEdit, node) -> bool:
+    """A QuantizeLinear with one scale (and zero point), or a Mul of its first input by a constant scalar:
+    nodes that commute with any change of layout of their first input."""
+    one = lambda name: name in graph.constants and graph.constants[name].size == 1  # noqa: E731
+    if node.op_type == "QuantizeLinear":
+        return all(one(name) for name in node.input[1:])
+    return node.op_type == "Mul" and len(node.input) == 2 and one(node.input[1])
+
+
+def _sink_layout_ops(model) -> int:
+    """Move each Transpose/Reshape read only by a per-tensor quantizer or a scalar Mul to after that node,
+    until none is left; returns the number of moves. Values are unchanged bit for bit."""
+    graph_outputs = {out.name for out in model.graph.output}
+    moves = 0
+    while True:
+        graph = GraphEdit(model)
+        taken: set[int] = set()
+        for layout in model.graph.node:
+            readers = graph.consumers.get(layout.output[0], [])
+            if layout.op_type not in ("Transpose", "Reshape") or len(readers) != 1 or layout.output[0] in graph_outputs:
+                continue
+            node = readers[0]
+            if node.input[0] != layout.output[0] or not _elementwise_with_one_value(graph, node) or taken & {id(layout), id(node)}:
+                continue
+            # x -> layout -> a -> node -> b   becomes   x -> node -> a -> layout -> b, each in the other's place.
+            x, a, b = layout.input[0], layout.output[0], node.output[0]
+            node.input[0], node.output[0], layout.input[0], layout.output[0] = x, a, a, b
+            graph.replaced[id(layout)], graph.replaced[id(node)] = [node], [layout]
+            graph.stale.update([a, b])
+            taken.update([id(layout), id(node)])
+        if not taken:
+            return moves
+        moves += len(taken) // 2
+        graph.commit()
+
+
+def _fold_power_of_two_scales(graph: GraphEdit) -> int:
+    """A Mul by a power-of-two scalar that alone reads a ``MatMulIntegerToFloat`` goes into that GEMM's
+    weight scales and bias: ``(acc * s_x * s_w + bias) * 2^e == acc * s_x * (s_w * 2^e) + bias * 2^e``
+    exactly in floating point."""
+    folded = 0
+    for mul in graph.model.graph.node:
+        gemm = graph.producers.get(mul.input[0])
+        if gemm is None or gemm.op_type != "MatMulIntegerToFloat" or not _elementwise_with_one_value(graph, mul) or not graph.only_user(gemm.output[0], mul):
+            continue
+        factor = graph.constants[mul.input[1]].astype(np.float32).reshape(())
+        if abs(np.frexp(factor)[0]) != 0.5:  # not a power of two: the fold would round
+            continue
+        for index in (3, 6):  # the weight scales, and the bias when there is one
+            if len(gemm.input) > index and gemm.input[index]:
+                name = gemm.input[index]
+                gemm.input[index] = graph.initializer(f"{name}.times{factor:g}", (graph.constants[name] * factor).astype(np.float32))
+        gemm.output[0] = mul.output[0]
+        graph.removed.add(id(mul))
+        folded += 1
+    return folded
+
+
 def save_ort_model(source: Path, target: Path) -> OrtRewrite:
     """Write ``source`` (a Q/DQ INT8 ONNX model from utils.onnx_export) to ``target`` in ONNX Runtime's
     form: int8 activations as uint8 (+128), each quantized Linear with its bias as one
-    ``MatMulIntegerToFloat``, and each fused qkv Linear as three, one per attention input. Everything
-    else - convolution, the q.k matmul, LayerNorm, softmax - is left to ONNX Runtime's own Q/DQ fusions. The outputs equal ``source``'s in ONNX Runtime up to the order of
-    float additions."""
+    ``MatMulIntegerToFloat``, each fused qkv Linear as three, one per attention input, the layout
+    changes around per-tensor quantizers on their codes, and q's power-of-two scale in its GEMM.
+    Everything else - convolution, the q.k matmul, LayerNorm, softmax - is left to ONNX Runtime's own
+    Q/DQ fusions. The outputs equal ``source``'s in ONNX Runtime up to the order of float additions."""
     import onnx
     from onnx import helper
 
@@ -123,8 +194,13 @@ def save_ort_model(source: Path, target: Path) -> OrtRewrite:
     graph = GraphEdit(model)  # the qkv split reads the fused nodes
     qkv = _split_qkv(graph)
     graph.commit()
+    moves = _sink_layout_ops(model)
+    graph = GraphEdit(model)  # the fold reads the GEMM -> Mul pairs the moves left
+    folded = _fold_power_of_two_scales(graph)
+    graph.commit()
     if fused and not any(op.domain == CONTRIB_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     onnx.save(model, str(target))
-    log.info("ONNX Runtime form: %d Linears as MatMulIntegerToFloat (%d qkv split in three), %d activation Q/DQ nodes as uint8", fused, qkv, shifted)
-    return OrtRewrite(linears_fused=fused, qkv_split=qkv, activations_shifted=shifted)
+    log.info("ONNX Runtime form: %d Linears as MatMulIntegerToFloat (%d qkv split in three), %d activation Q/DQ nodes as uint8, "
+             "%d layout moves after quantizers, %d scales folded", fused, qkv, shifted, moves, folded)
+    return OrtRewrite(linears_fused=fused, qkv_split=qkv, activations_shifted=shifted, layout_moves=moves, scales_folded=folded)
