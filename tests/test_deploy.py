@@ -219,6 +219,41 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
 
 
+def test_layout_changes_move_after_per_tensor_quantizers_only(tmp_path):
+    """x -> Transpose -> Mul(0.5) -> QuantizeLinear (one scale) becomes x -> Mul -> Q -> Transpose, bit for
+    bit; a Transpose before a per-channel QuantizeLinear, or before a Mul whose [1, 1, 1] factor would
+    broadcast its input to another rank, stays where it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxruntime as ort
+
+    from utils.ort_model import _sink_layout_ops
+
+    def init(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    nodes = [helper.make_node("Transpose", ["images"], ["t1"], perm=[0, 2, 1]), helper.make_node("Mul", ["t1", "half"], ["m1"]),
+             helper.make_node("QuantizeLinear", ["m1", "s", "z"], ["q1"]), helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["y1"]),
+             helper.make_node("Transpose", ["images"], ["t2"], perm=[0, 2, 1]),  # per channel (axis 2): stays
+             helper.make_node("QuantizeLinear", ["t2", "s3", "z3"], ["q2"], axis=2), helper.make_node("DequantizeLinear", ["q2", "s3", "z3"], ["y2"], axis=2),
+             helper.make_node("Transpose", ["images"], ["t3"], perm=[0, 2, 1]), helper.make_node("Mul", ["t3", "half3d"], ["y3"])]  # fmt: skip
+    inits = [init("half", np.float32(0.5)), init("s", np.float32(0.02)), init("z", np.uint8(128)), init("s3", np.float32([0.01, 0.02, 0.03])),
+             init("z3", np.uint8([120, 128, 136])), init("half3d", np.full((1, 1, 1), 0.5, np.float32))]  # fmt: skip
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 4, 3]) for name in ("y1", "y2", "y3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [2, 3, 4])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "before.onnx")
+    assert _sink_layout_ops(model) == 2  # the first Transpose past the Mul, then past the QuantizeLinear
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "after.onnx")
+    assert [n.op_type for n in model.graph.node][:4] == ["Mul", "QuantizeLinear", "Transpose", "DequantizeLinear"]
+    assert [n.op_type for n in model.graph.node][4:] == ["Transpose", "QuantizeLinear", "DequantizeLinear", "Transpose", "Mul"]
+    x = {"images": np.random.default_rng(0).normal(0, 1, (2, 3, 4)).astype(np.float32)}
+    before, after = (ort.InferenceSession(tmp_path / name, providers=["CPUExecutionProvider"]).run(None, x) for name in ("before.onnx", "after.onnx"))
+    for old, new in zip(before, after):
+        assert np.array_equal(old, new)
+
+
 def test_openvino_ir_keeps_int8_weights_and_splits_qkv(tmp_path):
     pytest.importorskip("openvino")
     import xml.etree.ElementTree as ET

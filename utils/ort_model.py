@@ -121,7 +121,8 @@ def _split_qkv(graph: GraphEdit) -> int:
 def _elementwise_with_one_value(graph: GraphEdit, node) -> bool:
     """A QuantizeLinear with one scale (and zero point), or a Mul of its first input by a constant scalar:
     nodes that commute with any change of layout of their first input."""
-    one = lambda name: name in graph.constants and graph.constants[name].size == 1  # noqa: E731
+    # At most 1-d: a [1, 1, 1, 1] factor would broadcast a lower-rank input up to rank 4.
+    one = lambda name: name in graph.constants and graph.constants[name].size == 1 and graph.constants[name].ndim <= 1  # noqa: E731
     if node.op_type == "QuantizeLinear":
         return all(one(name) for name in node.input[1:])
     return node.op_type == "Mul" and len(node.input) == 2 and one(node.input[1])
