@@ -23,7 +23,9 @@ thread count (``--threads``, for PyTorch and every runtime) for every system:
 Accuracy (DeiT-tiny with the real ``--checkpoint`` only; other models get random weights, are timed
 only and calibrated on ``--speed-calib-images`` images to keep them quick): per system and runtime, top-1 agreement and mean logit cosine with the PyTorch FP32
 logits, and top-1 against the labels, on ``--val-images`` images of ``--val-dir``; also each recipe's
-PyTorch fake-quant model, so that a gap between it and the runtimes shows the export's share.
+PyTorch fake-quant model, so that a gap between it and the runtimes shows the export's share; and, for
+each INT8 system against NNCF's most faithful variant, the images whose FP32 class only one of the two
+changes, with the exact McNemar p-value (is an agreement gap of a few images a difference at all?).
 Speed at each ``--batches``: images/s of every system, and paired speed ratios (the two sides
 alternate, utils.timing.timed_pairs; medians of ``--iters`` runs): each INT8 system against FP32 in
 the same runtime, and each of our exports against NNCF with SmoothQuant in OpenVINO (speed-only
@@ -324,13 +326,30 @@ def accuracy_row(name: str, runtime: str, logits: np.ndarray, fp32: np.ndarray, 
 
 def measure_accuracy(systems: list[System], images: list[torch.Tensor], fp32: np.ndarray, labels: np.ndarray,
                      fake_quant: dict[str, np.ndarray]) -> list[dict[str, Any]]:  # fmt: skip
-    rows = [accuracy_row(FP32, "torch", fp32, fp32, labels)]
-    rows += [accuracy_row(f"{recipe} (fake-quant)", "torch", logits, fp32, labels) for recipe, logits in fake_quant.items()]
+    outputs = [(f"{recipe} (fake-quant)", "torch", logits) for recipe, logits in fake_quant.items()]
     for system in systems:
         step(f"  accuracy: {system.key}")
-        logits = np.concatenate([system.run(x.numpy()) for x in images])
-        rows.append(accuracy_row(system.name, system.runtime, logits, fp32, labels))
+        outputs.append((system.name, system.runtime, np.concatenate([system.run(x.numpy()) for x in images])))
+    rows = [accuracy_row(FP32, "torch", fp32, fp32, labels)] + [accuracy_row(name, runtime, logits, fp32, labels) for name, runtime, logits in outputs]
+    compare_with_best_nncf(rows[1:], [logits for *_, logits in outputs], fp32)
     return rows
+
+
+def compare_with_best_nncf(rows: list[dict[str, Any]], outputs: list[np.ndarray], fp32: np.ndarray) -> None:
+    """Each INT8 row gets ``vs_nncf_best``: the images whose FP32 class it alone changes, those NNCF's most
+    faithful variant alone changes, and the exact McNemar p-value: whether an agreement gap of a few images
+    is a difference at all."""
+    import dataclasses
+
+    from utils.metrics import changed_classes
+
+    nncf = [i for i, r in enumerate(rows) if r["system"] in (NNCF_SQ, NNCF_NO_SQ)]
+    if not nncf:
+        return
+    best = max(nncf, key=lambda i: (rows[i]["top1_agreement_with_fp32"], rows[i]["logit_cosine_with_fp32"]))
+    for i, row in enumerate(rows):
+        if i != best and row["system"] != FP32:
+            row["vs_nncf_best"] = {"nncf": rows[best]["system"], **dataclasses.asdict(changed_classes(outputs[i], outputs[best], fp32))}
 
 
 # -- speed ------------------------------------------------------------------------------------------
@@ -472,9 +491,12 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def accuracy_table(result: dict[str, Any]) -> list[str]:
     lines = [f"\nAccuracy: {result['model']}, {result['evaluation_images']} evaluation images, against the PyTorch FP32 logits; "
              f"calibration on {result['calibration_images']} images",  # fmt: skip
-             "| system | runtime | top-1 agreement with FP32 | logit cosine with FP32 | top-1 (%) |", "|---|---|---:|---:|---:|"]
+             "| system | runtime | top-1 agreement with FP32 | logit cosine with FP32 | top-1 (%) | FP32 class changed: here only / in NNCF's best only (exact McNemar p) |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["accuracy"]:
-        lines.append(f"| {r['system']} | {TITLES[r['runtime']]} | {r['top1_agreement_with_fp32']:.4f} | {r['logit_cosine_with_fp32']:.4f} | {r['top1']:.2f} |")
+        vs = r.get("vs_nncf_best")
+        paired = "-" if vs is None else f"{vs['only_first']} / {vs['only_second']} (p {vs['p_value']:.2f})"
+        lines.append(f"| {r['system']} | {TITLES[r['runtime']]} | {r['top1_agreement_with_fp32']:.4f} | {r['logit_cosine_with_fp32']:.4f} | {r['top1']:.2f} | {paired} |")
     return lines
 
 

@@ -60,3 +60,26 @@ def test_logit_comparisons_match_a_plain_loop():
     assert logit_cosine(a, b) == pytest.approx(sum(cos) / 50, abs=1e-12)
     assert top1_agreement(a, b) == sum(int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)) / 50
     assert top1_accuracy(a, labels) == pytest.approx(100 * sum(int(np.argmax(x) == t) for x, t in zip(a, labels)) / 50)
+
+
+def test_changed_classes_counts_discordant_images_and_matches_the_binomial_test():
+    from utils.metrics import changed_classes
+
+    reference = np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]]  # top-1 classes 0 1 2 3 0 1 2 3
+    first = np.eye(4)[[1, 1, 2, 3, 1, 0, 2, 3]]  # changes images 0, 4, 5
+    second = np.eye(4)[[2, 1, 3, 3, 0, 1, 2, 3]]  # changes images 0, 2
+    result = changed_classes(first, second, reference)
+    assert (result.only_first, result.only_second) == (2, 1)  # image 0, changed by both, counts for neither
+    assert result.p_value == 1.0  # 3 discordant images: 2 against 1 is no evidence
+    assert changed_classes(reference, reference, reference).p_value == 1.0
+    # Six images changed by the second model only: both tails of Binomial(6, 1/2) at 0, 2 / 64.
+    sixes = np.eye(4)[[1] * 6]
+    assert changed_classes(np.eye(4)[[0] * 6], sixes, np.eye(4)[[0] * 6]).p_value == pytest.approx(2 / 64)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        ref = rng.standard_normal((300, 5))
+        a, b = ref + rng.normal(0, rng.uniform(0.2, 1.0), ref.shape), ref + rng.normal(0, rng.uniform(0.2, 1.0), ref.shape)
+        r = changed_classes(a, b, ref)
+        n = r.only_first + r.only_second
+        assert r.p_value == pytest.approx(scipy_stats.binomtest(r.only_first, n, 0.5).pvalue if n else 1.0, rel=1e-9)

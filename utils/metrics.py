@@ -4,14 +4,18 @@ Macro averages run over the classes present in the evaluation labels (an ImageNe
 some of the 1000 classes): per class ``precision = TP / (TP + FP)`` and ``recall = TP / (TP + FN)``,
 0 when the denominator is 0, ``F1 = 2PR / (P + R)`` (0 when both are 0), then the unweighted mean.
 Predictions of absent classes count as false negatives of the true class only.
+
+Two quantized models are compared on the same images by the images whose top-1 class each changes
+from the reference's, with the exact (binomial) McNemar test on the images only one of them changes.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from math import comb
 
 import numpy as np
 
-__all__ = ["ClassificationMetrics", "classification_metrics", "logit_cosine", "top1_accuracy", "top1_agreement"]
+__all__ = ["ChangedClasses", "ClassificationMetrics", "changed_classes", "classification_metrics", "logit_cosine", "top1_accuracy", "top1_agreement"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,23 @@ def logit_cosine(logits: np.ndarray, reference: np.ndarray) -> float:
     """Mean over images of the cosine similarity of two logit vectors (float64)."""
     a, b = logits.astype(np.float64), reference.astype(np.float64)
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-12)).mean())
+
+
+@dataclass(frozen=True)
+class ChangedClasses:
+    only_first: int  # images whose top-1 class the first model changes and the second keeps
+    only_second: int  # the other way round
+    p_value: float  # exact two-sided McNemar test of only_first against only_second
+
+
+def changed_classes(first: np.ndarray, second: np.ndarray, reference: np.ndarray) -> ChangedClasses:
+    """Paired comparison of two models' logits on the same images by the top-1 classes each changes from
+    ``reference``'s. Images both change, or both keep, say nothing about which is closer; of the others,
+    under "equally close" each is equally likely to be either model's, so the p-value is the two-sided
+    binomial tail of the smaller count at 1/2."""
+    kept = reference.argmax(1)
+    a, b = first.argmax(1) != kept, second.argmax(1) != kept
+    only_first, only_second = int((a & ~b).sum()), int((b & ~a).sum())
+    n, k = only_first + only_second, min(only_first, only_second)
+    p_value = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return ChangedClasses(only_first, only_second, p_value)
