@@ -161,8 +161,11 @@ def _fold_power_of_two_scales(graph: GraphEdit) -> int:
     exactly in floating point."""
     folded = 0
     for mul in graph.model.graph.node:
+        # Only a Mul: a per-tensor QuantizeLinear also commutes with layouts, but its scale divides.
+        if mul.op_type != "Mul" or not _elementwise_with_one_value(graph, mul):
+            continue
         gemm = graph.producers.get(mul.input[0])
-        if gemm is None or gemm.op_type != "MatMulIntegerToFloat" or not _elementwise_with_one_value(graph, mul) or not graph.only_user(gemm.output[0], mul):
+        if gemm is None or gemm.op_type != "MatMulIntegerToFloat" or not graph.only_user(gemm.output[0], mul):
             continue
         factor = graph.constants[mul.input[1]].astype(np.float32).reshape(())
         if abs(np.frexp(factor)[0]) != 0.5:  # not a power of two: the fold would round
