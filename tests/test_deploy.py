@@ -15,6 +15,7 @@ from conftest import calibrated, make_tiny_vit, tiny_images
 from test_cli import MODEL, assert_user_error
 from test_onnx_export import calibrated_run, convert_cli  # noqa: F401 (module fixture)
 from utils.onnx_export import check_qdq, export_onnx, export_plan, simplify, weight_initializers
+from utils.onnx_graph import producers as producers_of
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -179,7 +180,7 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     # Layout changes come after the per-tensor quantizers, so they move codes: no quantizer reads a
     # Transpose or Reshape, and k's transpose reads k's codes. q's scale (head_dim 16: 0.25, a power of
     # two) is in its GEMM: no Mul reads a GEMM.
-    producers = {out: n for n in model.graph.node for out in n.output}
+    producers = producers_of(model)
 
     def origin(name: str):  # the node a tensor comes from, through layout changes
         node = producers[name]
