@@ -478,19 +478,3 @@ def test_bad_bias_correction_values_are_refused(value, message):
 
     with pytest.raises(ConfigError, match=message):
         load_recipe("trt_int8", {"bias_correction": value})
-
-
-def test_bench_compares_each_int8_system_with_the_most_faithful_nncf_variant():
-    from bench.bench_deploy import FP32, NNCF_NO_SQ, NNCF_SQ, accuracy_row, accuracy_table, compare_with_best_nncf
-
-    fp32 = np.eye(5)[np.arange(20) % 5]
-    changed = lambda *images: np.eye(5)[[(i + 1) % 5 if i in images else i % 5 for i in range(20)]]  # noqa: E731
-    outputs = {NNCF_SQ: changed(0, 1, 2), NNCF_NO_SQ: changed(0, 1), "cpu_int8": changed(1, 7, 8), FP32: fp32}
-    rows = [accuracy_row(name, "openvino", logits, fp32, np.arange(20) % 5) for name, logits in outputs.items()]
-    compare_with_best_nncf(rows, list(outputs.values()), fp32)
-    assert "vs_nncf_best" not in rows[1] and "vs_nncf_best" not in rows[3]  # SmoothQuant off changes the fewest classes: the reference; FP32 is none
-    rows = rows[:3]
-    assert rows[0]["vs_nncf_best"] == {"nncf": NNCF_NO_SQ, "only_first": 1, "only_second": 0, "p_value": 1.0}
-    assert rows[2]["vs_nncf_best"] == {"nncf": NNCF_NO_SQ, "only_first": 2, "only_second": 1, "p_value": 1.0}  # images 7, 8 / image 0
-    table = accuracy_table({"model": "m", "evaluation_images": 20, "calibration_images": 4, "accuracy": rows})
-    assert "| cpu_int8 | OpenVINO | 0.8500 | " in "\n".join(table) and table[-1].endswith("| 2 / 1 (p 1.00) |") and table[-2].endswith("| - |")
