@@ -16,7 +16,7 @@ all of them, none of which any system calibrated on.
 Image i of the sorted ``<wnid>/<file>`` list of ``--calib-dir`` is in fold i % K; with K = 5 the last
 fold is bench/holdout_split.py's held/, the images cpu_int8's values were chosen on (its row is a
 selection score; the other folds' are not). For each fold, on the other folds' images (in one seeded
-random order, as bench_deploy.py draws its calibration images):
+random order, so that the passes on the first N images - scale search, bias correction - see every class):
 
 * NNCF's PTQ of the one FP32 ONNX, SmoothQuant on and off (``subset_size`` = all those images), in
   OpenVINO - exactly as bench/bench_deploy.py builds it;

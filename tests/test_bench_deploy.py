@@ -97,6 +97,8 @@ def test_crossval_refuses_bad_arguments_in_one_line(args, message, tmp_path):
 
 
 @requires_shared
+@pytest.mark.shared
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="nncf is not installed (requirements-bench.txt)")
 def test_crossval_runs_every_system_on_images_none_calibrated_on(tmp_path):
     result = crossval_cli("--images", 20, "--folds", 2, "--json", tmp_path / "cv.json")
