@@ -13,7 +13,7 @@ peer cannot be told from noise. Cross-validation judges every calibration image 
 calibrated on the other K-1 folds - ours and NNCF's on the same images - so the comparison is made on
 all of them, none of which any system calibrated on.
 
-Image i of the sorted ``<wnid>/<file>`` list of ``--calib-dir`` is in fold i % K; with K = 5 the last
+Image i of the sorted ``<wnid>/<file>`` list of ``--calib-dir`` (or of its ``--images``) is in fold i % K; with K = 5 and every image the last
 fold is bench/holdout_split.py's held/, the images cpu_int8's values were chosen on (its row is a
 selection score; the other folds' are not). For each fold, on the other folds' images (in one seeded
 random order, so that the passes on the first N images - scale search, bias correction - see every class):
