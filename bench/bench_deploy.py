@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from bench.common import SHARED, build_qvit
-from bench.deploy_systems import (ACCURACY_MODEL, FP32, NNCF_NO_SQ, NNCF_SQ, TITLES, System, accuracy_table, calibration_images,
-                                  check_tools, cpu_name, data_transform, deployed, export_fp32, header, measure_accuracy, nncf_int8,
-                                  our_int8, parse_list, quiet_tools, step, torch_logits, validation_images, versions)  # fmt: skip
+from bench.deploy_systems import (ACCURACY_MODEL, FP32, NNCF_SQ, TITLES, System, accuracy_table, calibration_images, check_tools,
+                                  cpu_name, data_transform, export_fp32, header, load_systems, measure_accuracy, nncf_variants, our_int8,
+                                  parse_list, quiet_tools, step, torch_logits, validation_images, versions)  # fmt: skip
 from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes
 from utils.errors import ArgumentParser, UserError, run_script
 
@@ -176,8 +176,6 @@ def measure_speed(systems: list[System], images: list[torch.Tensor], batches: li
 
 
 def bench_model(model_name: str, recipes: list[str], batches: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    from utils.runtimes import load_model
-
     speed_only = model_name != ACCURACY_MODEL
     checkpoint = None if speed_only else args.checkpoint
     n_calib = args.speed_calib_images if speed_only else args.calib_images
@@ -199,10 +197,8 @@ def bench_model(model_name: str, recipes: list[str], batches: list[int], args: a
         files: list[tuple[str, Path]] = [("fp32.onnx", fp32_onnx)]
         entries: list[tuple[str, str, Path]] = [(FP32, "fp32", fp32_onnx)]
 
-        for name, smooth_quant in ((NNCF_SQ, True), (NNCF_NO_SQ, False)):
-            step(f"{model_name}: {name}: nncf.quantize on {result['calibration_images']} images")
-            xml = folder / f"nncf_{'sq' if smooth_quant else 'nosq'}.xml"
-            result["calibration_seconds"][name] = nncf_int8(fp32_onnx, calib, smooth_quant, xml)
+        for name, xml, seconds in nncf_variants(fp32_onnx, calib, folder, f"{model_name}: "):
+            result["calibration_seconds"][name] = seconds
             files.append((f"{name}: IR .bin", xml.with_suffix(".bin")))
             entries.append((name, "nncf", xml))
 
@@ -236,11 +232,7 @@ def bench_model(model_name: str, recipes: list[str], batches: list[int], args: a
         result["sizes"] = [{"file": label, "bytes": p.stat().st_size, "ratio_to_fp32_onnx": p.stat().st_size / fp32_bytes} for label, p in files]
 
         step(f"{model_name}: compiling every model ({args.threads} threads); our exports in the forms convert_tensorrt.py writes")
-        systems = [
-            System(name, kind, runtime, path, load_model(runtime, deployed(kind, runtime, path), args.threads))
-            for name, kind, path in entries
-            for runtime in (("openvino",) if kind == "nncf" else ("ort", "openvino"))
-        ]
+        systems = load_systems(entries, args.threads)
         if not speed_only:
             step(f"{model_name}: PyTorch FP32 logits")
             result["accuracy"] = measure_accuracy(systems, val, torch_logits(reference, val), labels, fake_quant)

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 
 from bench.common import SHARED, build_qvit
-from bench.deploy_systems import (ACCURACY_MODEL, FP32, NNCF_NO_SQ, NNCF_SQ, TITLES, System, accuracy_row, accuracy_table,
-                                  check_tools, compare_with_best_nncf, cpu_name, data_transform, deployed, export_fp32, header,
-                                  load_images, nncf_int8, our_int8, parse_list, quiet_tools, step, torch_logits, versions)  # fmt: skip
+from bench.deploy_systems import (ACCURACY_MODEL, TITLES, accuracy_rows, accuracy_table, check_tools, cpu_name, data_transform,
+                                  export_fp32, header, load_images, load_systems, nncf_variants, our_int8, parse_list, quiet_tools, step,
+                                  torch_logits, versions)  # fmt: skip
 from quant_config import DEFAULT_RECIPE, ConfigError, resolve_recipe_path
 from utils.errors import ArgumentParser, UserError, run_script
 
@@ -126,8 +126,6 @@ def run_fold(fold: Fold, recipes: list[str], reference: QVit, fp32_onnx: Path, t
              folder: Path) -> dict[str, Any]:  # fmt: skip
     """Every system calibrated on ``fold.calibration`` and run on ``fold.held``: their logits (by system
     and runtime), the FP32 logits, the labels and the calibration seconds."""
-    from utils.runtimes import load_model
-
     step(f"fold {fold.index + 1}/{args.folds}: loading {len(fold.calibration)} calibration and {len(fold.held)} held-out images")
     calib, _, bad_calib = load_images(fold.calibration, transform, args.workers)
     held, labels, bad_held = load_images(fold.held, transform, args.workers)
@@ -141,16 +139,12 @@ def run_fold(fold: Fold, recipes: list[str], reference: QVit, fp32_onnx: Path, t
         step(f"  {recipe}: calibrate on {n} images, export, fake-quant logits")
         path, seconds[recipe], outputs[f"{recipe} (fake-quant)", "torch"] = our_int8(args.model, recipe, args.checkpoint, calib, folder, held)
         entries.append((recipe, "ours", path))
-    for name, smooth_quant in ((NNCF_SQ, True), (NNCF_NO_SQ, False)):
-        step(f"  {name}: nncf.quantize on {n} images")
-        xml = folder / f"nncf_{'sq' if smooth_quant else 'nosq'}.xml"
-        seconds[name] = nncf_int8(fp32_onnx, calib, smooth_quant, xml)
+    for name, xml, nncf_seconds in nncf_variants(fp32_onnx, calib, folder, "  "):
+        seconds[name] = nncf_seconds
         entries.append((name, "nncf", xml))
-    for name, kind, path in entries:
-        for runtime in ("openvino",) if kind == "nncf" else ("ort", "openvino"):
-            system = System(name, kind, runtime, path, load_model(runtime, deployed(kind, runtime, path), args.threads))
-            step(f"  logits: {system.key}")
-            outputs[name, runtime] = np.concatenate([system.run(x.numpy()) for x in held])
+    for system in load_systems(entries, args.threads):
+        step(f"  logits: {system.key}")
+        outputs[system.name, system.runtime] = system.logits(held)
     return {"fold": fold.index, "calibration_images": n, "held_images": len(labels), "calibration_seconds": seconds,
             "outputs": outputs, "fp32": torch_logits(reference, held), "labels": labels}  # fmt: skip
 
@@ -166,13 +160,11 @@ def pool(folds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = list(folds[0]["outputs"])
     fp32 = np.concatenate([f["fp32"] for f in folds])
     labels = np.concatenate([f["labels"] for f in folds])
-    outputs = [np.concatenate([f["outputs"][key] for f in folds]) for key in keys]
-    rows = [accuracy_row(name, runtime, logits, fp32, labels) for (name, runtime), logits in zip(keys, outputs)]
-    compare_with_best_nncf(rows, outputs, fp32)
-    for row, key in zip(rows, keys):
+    rows = accuracy_rows([(name, runtime, np.concatenate([f["outputs"][name, runtime] for f in folds])) for name, runtime in keys], fp32, labels)
+    for row, key in zip(rows[1:], keys):
         row["per_fold"] = [{"fold": f["fold"], "top1_agreement_with_fp32": top1_agreement(f["outputs"][key], f["fp32"]),
                             "logit_cosine_with_fp32": logit_cosine(f["outputs"][key], f["fp32"])} for f in folds]  # fmt: skip
-    return {"accuracy": [accuracy_row(FP32, "torch", fp32, fp32, labels), *rows], "images": len(labels)}
+    return {"accuracy": rows, "images": len(labels)}
 
 
 def per_fold_table(rows: list[dict[str, Any]]) -> list[str]:

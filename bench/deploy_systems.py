@@ -155,6 +155,9 @@ class System:
     def key(self) -> str:
         return f"{self.name} [{TITLES[self.runtime]}]"
 
+    def logits(self, images: list[torch.Tensor]) -> np.ndarray:
+        return np.concatenate([self.run(x.numpy()) for x in images])
+
 
 def export_fp32(qvit: QVit, folder: Path) -> Path:
     """The one FP32 ONNX every FP32 baseline and NNCF start from, exported from an uncalibrated QVit
@@ -225,6 +228,25 @@ def deployed(kind: str, runtime: str, path: Path) -> Path:
     return save_deployed(runtime, path)[0]
 
 
+def nncf_variants(fp32_onnx: Path, calib: list[torch.Tensor], folder: Path, what: str) -> list[tuple[str, Path, float]]:
+    """NNCF's PTQ with SmoothQuant on and off: (name, IR .xml, seconds) each; ``what`` prefixes the progress lines."""
+    variants = []
+    for name, smooth_quant in ((NNCF_SQ, True), (NNCF_NO_SQ, False)):
+        step(f"{what}{name}: nncf.quantize on {sum(len(x) for x in calib)} images")
+        xml = folder / f"nncf_{'sq' if smooth_quant else 'nosq'}.xml"
+        variants.append((name, xml, nncf_int8(fp32_onnx, calib, smooth_quant, xml)))
+    return variants
+
+
+def load_systems(entries: list[tuple[str, str, Path]], threads: int) -> list[System]:
+    """Each (name, kind, path) compiled in every runtime it deploys to: NNCF's IR in OpenVINO, the rest in
+    ONNX Runtime and OpenVINO (our exports in the form each runtime gets)."""
+    from utils.runtimes import load_model
+
+    return [System(name, kind, runtime, path, load_model(runtime, deployed(kind, runtime, path), threads))
+            for name, kind, path in entries for runtime in (("openvino",) if kind == "nncf" else ("ort", "openvino"))]  # fmt: skip
+
+
 # -- accuracy ---------------------------------------------------------------------------------------
 
 
@@ -243,10 +265,15 @@ def measure_accuracy(systems: list[System], images: list[torch.Tensor], fp32: np
     outputs = [(f"{recipe} (fake-quant)", "torch", logits) for recipe, logits in fake_quant.items()]
     for system in systems:
         step(f"  accuracy: {system.key}")
-        outputs.append((system.name, system.runtime, np.concatenate([system.run(x.numpy()) for x in images])))
-    rows = [accuracy_row(FP32, "torch", fp32, fp32, labels)] + [accuracy_row(name, runtime, logits, fp32, labels) for name, runtime, logits in outputs]
-    compare_with_best_nncf(rows[1:], [logits for *_, logits in outputs], fp32)
-    return rows
+        outputs.append((system.name, system.runtime, system.logits(images)))
+    return accuracy_rows(outputs, fp32, labels)
+
+
+def accuracy_rows(outputs: list[tuple[str, str, np.ndarray]], fp32: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+    """The FP32 row, then one per (system, runtime, logits), each INT8 one with its McNemar column."""
+    rows = [accuracy_row(name, runtime, logits, fp32, labels) for name, runtime, logits in outputs]
+    compare_with_best_nncf(rows, [logits for *_, logits in outputs], fp32)
+    return [accuracy_row(FP32, "torch", fp32, fp32, labels), *rows]
 
 
 def compare_with_best_nncf(rows: list[dict[str, Any]], outputs: list[np.ndarray], fp32: np.ndarray) -> None:
