@@ -167,9 +167,23 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     model = onnx.load(str(tmp_path / "int8.ort.onnx"))
     onnx.checker.check_model(model)
     depth = len(vit.blocks)
-    fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
+    constant = {i.name for i in model.graph.initializer}
+    integer = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
+    fused = [n for n in integer if n.input[1] in constant]  # the Linears, with their integer weights
     assert rewrite.linears_fused == 4 * depth and rewrite.qkv_split == depth  # qkv, proj, fc1, fc2 of every block
     assert len(fused) == 6 * depth  # qkv as q, k and v
+    # Every float matmul of two dequantized activations (q @ k^T; attention x v too where it is quantized)
+    # is an integer one, its second operand signed: no MatMul reads two DequantizeLinears any more.
+    source_producers, source_constants = producers_of(source), {w.name for w in source.graph.initializer}
+
+    def dequantized_activation(name: str) -> bool:  # through k's transpose
+        node = source_producers.get(name)
+        if node is not None and node.op_type == "Transpose":
+            return dequantized_activation(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in source_constants
+
+    activation_matmuls = [n for n in source.graph.node if n.op_type == "MatMul" and all(map(dequantized_activation, n.input))]
+    assert rewrite.activation_matmuls == len(integer) - len(fused) == len(activation_matmuls) >= depth
     biased = 4 * depth - (0 if qkv_bias else depth)
     assert sum(len(n.input) == 7 for n in fused) == biased + (2 * depth if qkv_bias else 0)  # each with its bias, if it has one
     assert [n.op_type for n in model.graph.node].count("Add") == [n.op_type for n in source.graph.node].count("Add") - biased
@@ -190,7 +204,6 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and getattr(producers.get(n.input[0]), "op_type", "") in ("Transpose", "Reshape")]
     k_transposes = [n for n in model.graph.node if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 3, 1]]
     assert [origin(n.input[0]).op_type for n in k_transposes] == ["QuantizeLinear"] * depth
-    constant = {i.name for i in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "Mul" and n.input[1] in constant and producers[n.input[0]].op_type == "MatMulIntegerToFloat"]
     # Weights reach float kernels only in the patch embedding's Conv and the head's Gemm; every
     # activation pair is uint8, and the shifted ones are the source's int8 activation pairs.
@@ -201,8 +214,10 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
             users.setdefault(name, []).append(node.op_type)
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values]
     assert {op for n in weight_dqs for op in users[n.output[0]]} <= {"Conv", "Gemm"}
-    zeros = [values[n.input[2]].dtype for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in values]
-    assert zeros and set(zeros) == {np.dtype(np.uint8)}
+    signed = {n.input[5] for n in integer if n.input[1] not in constant}  # the activation matmuls' second operands
+    zeros = {n.input[2]: values[n.input[2]].dtype for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in values}
+    assert zeros and {dtype for name, dtype in zeros.items() if name not in signed} == {np.dtype(np.uint8)}
+    assert {values[name].dtype for name in signed} == {np.dtype(np.int8)}
     source_values = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
     assert rewrite.activations_shifted == sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in source_values
                                               and source_values[n.input[2]].dtype == np.int8 for n in source.graph.node)  # fmt: skip
@@ -433,6 +448,7 @@ def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu
     assert (folder / "int8.ort.onnx").is_file() and report["ort_model"]["linears_fused"] == 4 * 12  # DeiT-tiny: 12 blocks
     assert "ONNX Runtime form int8.ort.onnx: 48 Linears with their bias" in result.stdout
     assert report["ort_model"]["scales_folded"] == 12 and ", 12 q scales folded" in result.stdout  # head_dim 64: 1/8
+    assert report["ort_model"]["activation_matmuls"] == 12 and ", 12 activation matmuls integer" in result.stdout  # q @ k^T; attention x v stays float
 
 
 def test_missing_openvino_is_one_line_and_the_rest_runs(calibrated_run, tmp_path):  # noqa: F811

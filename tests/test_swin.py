@@ -131,6 +131,7 @@ def test_qdq_export_runs_in_onnx_runtime_like_the_fake_quant_model(tmp_path, rec
     ort_form, facts = save_deployed("ort", tmp_path / "int8.onnx")
     assert facts["ort_model"]["qkv_split"] == sum(isinstance(m, QuantWindowAttention) for m in qvit.modules())  # q, k, v as three GEMMs
     assert facts["ort_model"]["layout_moves"] > 0 and facts["ort_model"]["scales_folded"] == 0  # head_dim 12: 12 ** -0.5 would round
+    assert facts["ort_model"]["activation_matmuls"] >= facts["ort_model"]["qkv_split"]  # q @ k^T of every attention, at least
     for path in (tmp_path / "int8.onnx", ort_form):
         out = load_model("ort", path, threads=1)(x.numpy())
         assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.95, path.name
