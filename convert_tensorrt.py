@@ -218,7 +218,7 @@ def simplify_step(folder: Path, runtimes: list[str]) -> dict:
             print(f"      ONNX Runtime form {path.name}: {rewrite['linears_fused']} Linears with their bias as MatMulIntegerToFloat "
                   f"({rewrite['qkv_split']} qkv as q, k, v), {rewrite['activations_shifted']} int8 activation Q/DQ nodes as uint8 + 128, "
                   f"{rewrite['layout_moves']} layout changes moved onto codes, {rewrite['scales_folded']} q scales folded, "
-                  f"{rewrite['activation_matmuls']} activation matmuls integer")  # fmt: skip
+                  f"{rewrite['activation_matmuls']} activation matmuls and {rewrite['patch_embeddings']} patch embedding integer")  # fmt: skip
     return report
 
 

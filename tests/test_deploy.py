@@ -169,8 +169,10 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     depth = len(vit.blocks)
     constant = {i.name for i in model.graph.initializer}
     integer = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft"]
-    fused = [n for n in integer if n.input[1] in constant]  # the Linears, with their integer weights
+    patch_embedding = [n for n in integer if n.name.endswith("Conv.integer")]
+    fused = [n for n in integer if n.input[1] in constant and n not in patch_embedding]  # the Linears, with their integer weights
     assert rewrite.linears_fused == 4 * depth and rewrite.qkv_split == depth  # qkv, proj, fc1, fc2 of every block
+    assert rewrite.patch_embeddings == len(patch_embedding) == 1 and "Conv" not in {n.op_type for n in model.graph.node}
     assert len(fused) == 6 * depth  # qkv as q, k and v
     # Every float matmul of two dequantized activations (q @ k^T; attention x v too where it is quantized)
     # is an integer one, its second operand signed: no MatMul reads two DequantizeLinears any more.
@@ -183,7 +185,7 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
         return node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in source_constants
 
     activation_matmuls = [n for n in source.graph.node if n.op_type == "MatMul" and all(map(dequantized_activation, n.input))]
-    assert rewrite.activation_matmuls == len(integer) - len(fused) == len(activation_matmuls) >= depth
+    assert rewrite.activation_matmuls == len(integer) - len(fused) - 1 == len(activation_matmuls) >= depth
     biased = 4 * depth - (0 if qkv_bias else depth)
     assert sum(len(n.input) == 7 for n in fused) == biased + (2 * depth if qkv_bias else 0)  # each with its bias, if it has one
     assert [n.op_type for n in model.graph.node].count("Add") == [n.op_type for n in source.graph.node].count("Add") - biased
@@ -205,15 +207,15 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
     k_transposes = [n for n in model.graph.node if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 3, 1]]
     assert [origin(n.input[0]).op_type for n in k_transposes] == ["QuantizeLinear"] * depth
     assert not [n for n in model.graph.node if n.op_type == "Mul" and n.input[1] in constant and producers[n.input[0]].op_type == "MatMulIntegerToFloat"]
-    # Weights reach float kernels only in the patch embedding's Conv and the head's Gemm; every
-    # activation pair is uint8, and the shifted ones are the source's int8 activation pairs.
+    # Weights reach a float kernel only in the head's Gemm; every activation pair is uint8 (but the
+    # activation matmuls' second operands), and the shifted ones are the source's int8 activation pairs.
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     users = {}
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node.op_type)
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values]
-    assert {op for n in weight_dqs for op in users[n.output[0]]} <= {"Conv", "Gemm"}
+    assert {op for n in weight_dqs for op in users[n.output[0]]} == {"Gemm"}
     signed = {n.input[5] for n in integer if n.input[1] not in constant}  # the activation matmuls' second operands
     zeros = {n.input[2]: values[n.input[2]].dtype for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in values}
     assert zeros and {dtype for name, dtype in zeros.items() if name not in signed} == {np.dtype(np.uint8)}
@@ -230,6 +232,9 @@ def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, over
         elif ".part" not in name:
             stored.remove(weight.tobytes())
     assert len(stored) == 1  # the head's, which stays a Gemm
+    # The patch embedding's integer weight is the exported [out, c, kh, kw] one as [c * kh * kw, out].
+    conv_weight = next(w for w in weight_initializers(source).values() if w.ndim == 4)
+    assert np.array_equal(values[patch_embedding[0].input[1]], conv_weight.reshape(len(conv_weight), -1).T)
     x = torch.cat([tiny_images(16, seed=500 + i) for i in range(2)]).numpy()
     before, after = load_model("ort", tmp_path / "int8.onnx", 1)(x), load_model("ort", tmp_path / "int8.ort.onnx", 1)(x)
     np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
@@ -268,6 +273,49 @@ def test_layout_changes_move_after_per_tensor_quantizers_only(tmp_path):
     before, after = (ort.InferenceSession(tmp_path / name, providers=["CPUExecutionProvider"]).run(None, x) for name in ("before.onnx", "after.onnx"))
     for old, new in zip(before, after):
         assert np.array_equal(old, new)
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad,rewritten", [(8, 4, 4, 0, True), (9, 4, 4, 0, False), (8, 3, 1, 1, False)],
+                         ids=["patches", "drops_a_row", "overlapping"])  # fmt: skip
+def test_only_a_conv_over_whole_patches_becomes_an_integer_matmul(tmp_path, size, kernel, stride, pad, rewritten):
+    """Q/DQ image -> Conv(int8 weight per channel, bias): with kernel = stride over an image the patches
+    tile exactly, the ONNX Runtime form computes it as patches x weight, equal to a direct convolution of
+    the dequantized values; any other Conv is left as it is."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    import onnxruntime as ort
+
+    from utils.ort_model import save_ort_model
+
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, (5, 3, kernel, kernel)).astype(np.int8)
+    w_scale, bias, x_scale, x_zero = rng.uniform(0.01, 0.02, 5).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32), np.float32(0.05), np.uint8(120)
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in
+             (("w", codes), ("ws", w_scale), ("wz", np.zeros(5, np.int8)), ("b", bias), ("xs", x_scale), ("xz", x_zero))]  # fmt: skip
+    nodes = [helper.make_node("QuantizeLinear", ["images", "xs", "xz"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"], axis=0),
+             helper.make_node("Conv", ["x", "wf", "b"], ["y"], kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    onnx.save(shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), tmp_path / "int8.onnx")
+    rewrite = save_ort_model(tmp_path / "int8.onnx", tmp_path / "int8.ort.onnx")
+    model = onnx.load(str(tmp_path / "int8.ort.onnx"))
+    onnx.checker.check_model(model)
+    assert rewrite.patch_embeddings == int(rewritten) and ("Conv" in {n.op_type for n in model.graph.node}) != rewritten
+    images = rng.normal(0, 2, (2, 3, size, size)).astype(np.float32)
+    out = ort.InferenceSession(tmp_path / "int8.ort.onnx", providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+    # The reference: a direct convolution of the dequantized image and weight, in float64.
+    x = (np.clip(np.round(images / x_scale) + x_zero, 0, 255) - float(x_zero)) * float(x_scale)
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    w = codes * w_scale[:, None, None, None].astype(np.float64)
+    side = (x.shape[-1] - kernel) // stride + 1
+    expected = np.empty((2, 5, side, side))
+    for i in range(side):
+        for j in range(side):
+            window = x[:, :, i * stride:i * stride + kernel, j * stride:j * stride + kernel]
+            expected[:, :, i, j] = np.einsum("bchw,ochw->bo", window, w) + bias
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_openvino_ir_keeps_int8_weights_and_splits_qkv(tmp_path):
@@ -448,7 +496,8 @@ def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu
     assert (folder / "int8.ort.onnx").is_file() and report["ort_model"]["linears_fused"] == 4 * 12  # DeiT-tiny: 12 blocks
     assert "ONNX Runtime form int8.ort.onnx: 48 Linears with their bias" in result.stdout
     assert report["ort_model"]["scales_folded"] == 12 and ", 12 q scales folded" in result.stdout  # head_dim 64: 1/8
-    assert report["ort_model"]["activation_matmuls"] == 12 and ", 12 activation matmuls integer" in result.stdout  # q @ k^T; attention x v stays float
+    assert report["ort_model"]["activation_matmuls"] == 12 and report["ort_model"]["patch_embeddings"] == 1  # q @ k^T (attention x v stays float)
+    assert ", 12 activation matmuls and 1 patch embedding integer" in result.stdout
 
 
 def test_missing_openvino_is_one_line_and_the_rest_runs(calibrated_run, tmp_path):  # noqa: F811

@@ -132,6 +132,7 @@ def test_qdq_export_runs_in_onnx_runtime_like_the_fake_quant_model(tmp_path, rec
     assert facts["ort_model"]["qkv_split"] == sum(isinstance(m, QuantWindowAttention) for m in qvit.modules())  # q, k, v as three GEMMs
     assert facts["ort_model"]["layout_moves"] > 0 and facts["ort_model"]["scales_folded"] == 0  # head_dim 12: 12 ** -0.5 would round
     assert facts["ort_model"]["activation_matmuls"] >= facts["ort_model"]["qkv_split"]  # q @ k^T of every attention, at least
+    assert facts["ort_model"]["patch_embeddings"] == 1  # Swin's 4 x 4, stride 4 Conv
     for path in (tmp_path / "int8.onnx", ort_form):
         out = load_model("ort", path, threads=1)(x.numpy())
         assert (out.argmax(1) == reference.argmax(1)).mean() >= 0.95, path.name
