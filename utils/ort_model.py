@@ -221,11 +221,14 @@ def _integer_activation_matmuls(graph: GraphEdit) -> int:
         if not all(dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) == 3 and dq.input[0] not in graph.constants
                    and _per_tensor(graph, dq) for dq in dqs):  # fmt: skip
             continue
-        (a, b), zero = dqs, lambda dq: graph.constants[dq.input[2]]  # noqa: E731
+        a, b = dqs
+        zero = lambda dq: graph.constants[dq.input[2]]  # noqa: E731
         source = _codes_source(graph, b.input[0]) if zero(b).dtype == np.uint8 else None
         if zero(a).dtype != np.uint8 or source is None or not graph.only_user(b.output[0], matmul):
             continue
         quantize, layouts = source
+        if list(quantize.input[1:]) != list(b.input[1:]):  # the pair must share its scale and zero point tensors
+            continue
         signed = graph.initializer(f"{b.input[2]}.int8", (zero(b).astype(np.int16) - 128).astype(np.int8))
         quantize.input[2] = signed
         graph.stale.update([quantize.output[0], *(n.output[0] for n in layouts)])  # recorded as uint8
@@ -302,9 +305,10 @@ def save_ort_model(source: Path, target: Path) -> OrtRewrite:
     """Write ``source`` (a Q/DQ INT8 ONNX model from utils.onnx_export) to ``target`` in ONNX Runtime's
     form: int8 activations as uint8 (+128), each quantized Linear with its bias as one
     ``MatMulIntegerToFloat``, each fused qkv Linear as three, one per attention input, the layout
-    changes around per-tensor quantizers on their codes, q's power-of-two scale in its GEMM, and each
-    matmul of two quantized activations as uint8 x int8, the patch embedding as a GEMM of patches.
-    Everything else - LayerNorm, softmax, the head - is left to ONNX Runtime's own Q/DQ fusions. The outputs equal ``source``'s in ONNX Runtime up to the order of float additions."""
+    changes around per-tensor quantizers on their codes, q's power-of-two scale in its GEMM, each
+    matmul of two quantized activations as uint8 x int8, and the patch embedding as a GEMM of patches.
+    Everything else - LayerNorm, softmax, the head - is left to ONNX Runtime's own Q/DQ fusions. The
+    outputs equal ``source``'s in ONNX Runtime up to the order of float additions."""
     import onnx
     from onnx import helper
 
