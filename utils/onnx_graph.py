@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GraphEdit", "QuantizedLinear", "constants", "consumers", "perm", "producers", "quantized_linears"]
+__all__ = ["GraphEdit", "QuantizedLinear", "constants", "consumers", "perm", "producers", "quantized_linears", "weight_codes"]
 
 
 def constants(model) -> dict[str, np.ndarray]:
@@ -83,6 +83,16 @@ class GraphEdit:
         self.model.graph.value_info.extend(infos)
 
 
+def weight_codes(graph: GraphEdit, dq, ndim: int) -> np.ndarray | None:
+    """The int8 codes of an exported weight (a constant of rank ``ndim`` read by a ``DequantizeLinear``
+    per output channel, axis 0), or None when ``dq`` is not one."""
+    codes = graph.constants.get(dq.input[0])
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if codes is None or codes.dtype != np.int8 or codes.ndim != ndim or axis != 0:
+        return None
+    return codes
+
+
 def _linear_weight(graph: GraphEdit, matmul):
     """(Transpose, weight DequantizeLinear, int8 codes [out, in]) when the MatMul's second input is the
     exported Linear weight ``int8 [out, in] -> DequantizeLinear(axis 0) -> Transpose``; else None."""
@@ -92,11 +102,8 @@ def _linear_weight(graph: GraphEdit, matmul):
     dq = graph.producers.get(transpose.input[0])
     if perm(transpose) != [1, 0] or dq is None or dq.op_type != "DequantizeLinear" or not graph.only_user(dq.output[0], transpose):
         return None
-    codes = graph.constants.get(dq.input[0])
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    if codes is None or codes.dtype != np.int8 or codes.ndim != 2 or axis != 0:
-        return None
-    return transpose, dq, codes
+    codes = weight_codes(graph, dq, ndim=2)
+    return None if codes is None else (transpose, dq, codes)
 
 
 def _linear_bias(graph: GraphEdit, matmul, columns: int):

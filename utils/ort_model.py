@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.onnx_graph import GraphEdit, quantized_linears
+from utils.onnx_graph import GraphEdit, quantized_linears, weight_codes
 from utils.qkv_split import FusedLinear, split_qkv
 
 __all__ = ["OrtRewrite", "save_ort_model"]
@@ -249,6 +249,34 @@ def _recorded_shape(model, name: str) -> list | None:
     return None
 
 
+def _patch_conv(graph: GraphEdit, conv):
+    """(image DequantizeLinear, weight DequantizeLinear, int8 codes [out, c, kh, kw], patch rows, patch
+    columns) when ``conv`` is a 2-d Conv of a per-tensor uint8 activation by an exported weight whose kernel
+    is its stride and whose patches tile its recorded input exactly; else None."""
+    from onnx import helper
+
+    x_dq, w_dq = (graph.producers.get(name) for name in conv.input[:2])
+    if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+        return None
+    codes = weight_codes(graph, w_dq, ndim=4)
+    if codes is None or not graph.only_user(w_dq.output[0], conv) or len(x_dq.input) < 3 or not _per_tensor(graph, x_dq):
+        return None
+    if graph.constants[x_dq.input[2]].dtype != np.uint8:  # the zero point as the integer kernel wants it
+        return None
+    _, channels, kh, kw = codes.shape
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if (list(attrs.get("kernel_shape", [kh, kw])) != [kh, kw] or list(attrs.get("strides", [])) != [kh, kw] or any(attrs.get("pads", [0]))
+            or attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):  # fmt: skip
+        return None
+    out_shape, in_shape = _recorded_shape(graph.model, conv.output[0]), _recorded_shape(graph.model, conv.input[0])
+    if out_shape is None or len(out_shape) != 4 or None in out_shape[2:]:
+        return None
+    ph, pw = out_shape[2:]
+    if in_shape is None or in_shape[1:] != [channels, ph * kh, pw * kw]:  # rows or columns the Conv drops
+        return None
+    return x_dq, w_dq, codes, ph, pw
+
+
 def _integer_patch_embedding(graph: GraphEdit) -> int:
     """Each 2-d ``Conv`` of quantized codes whose kernel equals its stride (a ViT's or Swin's patch
     embedding) -> the image codes cut into patches, one ``MatMulIntegerToFloat`` with the weight as
@@ -258,26 +286,11 @@ def _integer_patch_embedding(graph: GraphEdit) -> int:
 
     rewritten = 0
     for conv in graph.model.graph.node:
-        if conv.op_type != "Conv" or len(conv.input) < 2:
+        patch = _patch_conv(graph, conv) if conv.op_type == "Conv" else None
+        if patch is None:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        x_dq, w_dq = graph.producers.get(conv.input[0]), graph.producers.get(conv.input[1])
-        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear" or len(x_dq.input) < 3:
-            continue
-        codes, out_shape = graph.constants.get(w_dq.input[0]), _recorded_shape(graph.model, conv.output[0])
-        if codes is None or codes.dtype != np.int8 or codes.ndim != 4 or out_shape is None or None in out_shape[1:] or len(out_shape) != 4:
-            continue
-        out, channels, kh, kw = codes.shape
-        if (list(attrs.get("kernel_shape", [kh, kw])) != [kh, kw] or list(attrs.get("strides", [])) != [kh, kw] or any(attrs.get("pads", [0]))
-                or attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):  # fmt: skip
-            continue
-        w_scale, w_axis = graph.constants.get(w_dq.input[1]), next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
-        if w_scale is None or w_scale.size != 1 and (w_scale.shape != (out,) or w_axis != 0) or not graph.only_user(w_dq.output[0], conv):
-            continue
-        in_shape = _recorded_shape(graph.model, conv.input[0])
-        if not _per_tensor(graph, x_dq) or graph.constants[x_dq.input[2]].dtype != np.uint8 or in_shape is None or in_shape[1:] != [channels, out_shape[2] * kh, out_shape[3] * kw]:
-            continue  # the zero point as the integer kernel wants it; and no rows or columns that the Conv drops
-        ph, pw, name = out_shape[2], out_shape[3], conv.output[0]
+        x_dq, w_dq, codes, ph, pw = patch
+        (out, channels, kh, kw), name = codes.shape, conv.output[0]
         label = conv.name or name
         w_zero = graph.constants[w_dq.input[2]] if len(w_dq.input) > 2 else np.zeros(1, np.int8)
         inputs = [f"{name}.patches", graph.initializer(f"{w_dq.input[0]}.patches", np.ascontiguousarray(codes.reshape(out, -1).T)),
