@@ -14,6 +14,8 @@ outputs (and, with ``mlp_alpha``, each MLP's GELU output) channel by channel bef
 (:mod:`models.ptq.reparam`); ``scale_search`` (optional)
 refines the activation scales after it by the error of the layers' outputs (:mod:`models.ptq.scale_search`);
 ``gptq`` (optional) rounds every Linear and patch-embedding weight onto its grid by GPTQ (:mod:`models.ptq.gptq`);
+``integer_softmax`` / ``integer_gelu`` compute the softmax / GELU with the integer-only program's
+arithmetic (:mod:`models.integer`), so that the fake-quant model simulates it;
 ``reconstruction`` (optional) learns each weight's rounding block by block from the block's output
 error (:mod:`models.ptq.reconstruction`, BRECQ / QDrop);
 ``bias_correction`` (optional) moves the mean output shift of every quantized Linear into its bias
@@ -320,6 +322,9 @@ class QuantRecipe:
     attention: QuantizerSpec | None = None
     # Softmax from integer-only arithmetic on the quantized scores (I-BERT i-exp, used by FQ-ViT's LIS).
     integer_softmax: bool = False
+    # GELU as the integer program computes it: an even polynomial on fc1's output in fixed point
+    # (models/integer/gelu.py), so that the fake-quant model simulates the integer-only program.
+    integer_gelu: bool = False
     reparam: ReparamSpec | None = None
     scale_search: ScaleSearchSpec | None = None
     gptq: GPTQSpec | None = None
@@ -334,6 +339,7 @@ class QuantRecipe:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{where}: 'name' must be a non-empty string")
         _check_bool(f"{where}.integer_softmax", self.integer_softmax)
+        _check_bool(f"{where}.integer_gelu", self.integer_gelu)
         for kind in KINDS:
             spec = getattr(self, kind)
             if spec is not None:
@@ -370,6 +376,26 @@ class QuantRecipe:
                 # (PTF only on LayerNorm inputs, ...) when the patterns meet the model's points.
                 _merge_spec(QuantizerSpec(), fields_, f"{where}.layers[{pattern!r}]").validate_values(f"{where}.layers[{pattern!r}]")
         return self
+
+    def integer_refusal(self) -> str | None:
+        """Why the integer-only program (models/integer) cannot run this recipe, in one line; None if it can.
+        Point-level exceptions (``layers``) are checked when the program is built from a calibrated model."""
+        for kind in KINDS:
+            if getattr(self, kind) is None:
+                return f"recipe {self.name} keeps the {kind} kind in float; the integer program quantizes every point"
+        if not self.integer_softmax:
+            return f"recipe {self.name} computes the softmax in float (integer_softmax: false); set it true and calibrate again"
+        if not self.integer_gelu:
+            return f"recipe {self.name} computes GELU in float (integer_gelu: false); set it true and calibrate again"
+        if self.activation.calibration_mode == "channel_wise":
+            return f"recipe {self.name}: per-channel activation scales have no integer GEMM (activation.calibration_mode: channel_wise)"
+        if self.layernorm_input.dynamic_token_scale:
+            return f"recipe {self.name}: the residual stream's per-token scale (layernorm_input.dynamic_token_scale) is not in the integer program yet"
+        for kind in ("activation", "attention"):
+            quantizer = getattr(self, kind).quantizer
+            if quantizer not in ("uniform", "log2"):
+                return f"recipe {self.name}: the {quantizer} grid of the {kind} kind has no integer form in the program yet"
+        return None
 
     def layer_spec(self, kind: str, fields_: Mapping[str, Any] | None, where: str) -> QuantizerSpec | None:
         """The spec of a point of ``kind`` with the ``layers`` entry ``fields_`` applied (null: float)."""

@@ -57,7 +57,7 @@ def test_attention_is_the_hand_built_composition(qvit):
     q, k, v = qkv.unbind(0)
     scores = attn.q_act.input_quant(q * attn.scale) @ attn.k_act.input_quant(k).transpose(-2, -1)
     softmax = attn.softmax
-    # The integer softmax (its i-exp is tested in test_int_ops.py) is taken as it is; a float one is written out.
+    # The integer softmax (tested in test_integer_ops.py) is taken as it is; a float one is written out.
     probs = softmax(scores) if softmax.integer else softmax.output_quant(softmax.input_quant(scores).softmax(-1))
     out = attn.proj((probs @ attn.v_act.input_quant(v)).transpose(1, 2).reshape(B, N, C))
     assert torch.equal(attn(x), out)

@@ -12,7 +12,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 from conftest import SWIN_SIZE, make_tiny_swin, reloaded, tiny_images
 from test_cli import data  # noqa: F401 (module fixture: an ImageNet-layout folder)
-from models.ptq.int_ops import IEXP_MAX_ABS_ERROR
+from models.integer.softmax import IEXP_MAX_ABS_ERROR
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.quant_vit import QVit, UnsupportedModelError
 from quant_config import load_recipe

@@ -14,6 +14,9 @@ code) and reports two views side by side:
   every upstream error), so the error is seen building up through the network; plus the end-to-end
   logit cosine and top-1 agreement. The two models run in lock-step, one block at a time, so only one
   block's FP32 tensors are held.
+* **integer program** (``program=``, ``test_qvit.py --integer-only``) - the accumulated view with the
+  integer program (:mod:`models.integer`) as the quantized model: at each point, the FP32 tensor against
+  the program's integers there, dequantized; the program runs stage by stage beside the FP32 model;
 * **isolated** (``isolated=True``) - only that one point quantized, everything else FP32: locally
   ``x`` against ``Q(x)``, and end to end the logits with only that point on. The end-to-end run resumes
   from the cached FP32 input of the point's block (``QVit.block_sequence()``: a ViT's blocks, a Swin's
@@ -55,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.integer.program import Program
+from models.integer.program import run as run_program
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit, point_name
 from utils.data import Batch
@@ -263,10 +268,14 @@ class NoImagesError(ValueError):
 
 
 class _Profiler:
-    def __init__(self, qvit: QVit, isolated: bool, detail_samples: int) -> None:
+    def __init__(self, qvit: QVit, isolated: bool, detail_samples: int, program: Program | None = None) -> None:
         if not qvit.is_calibrated:
             raise RuntimeError("profile() needs a calibrated QVit")
+        if program is not None and isolated:
+            raise ValueError("the isolated view quantizes one point of the fake-quant model; the integer program has the accumulated view only")
         self.qvit = qvit
+        self.program = program
+        self._pending: dict[int, tuple[Tensor, Any]] = {}  # quantizer id -> the program's codes at that point and their grid
         self.detail_samples = detail_samples
         self.model = qvit.model
         self.isolated = isolated
@@ -290,6 +299,13 @@ class _Profiler:
             )
         self.phase = "off"
         self.refs: dict[int, Tensor] = {}
+        if program is not None:
+            stages = [name for name, _ in program.stages]
+            if stages != ["embed", *self.prefixes, "head"]:
+                raise ValueError(f"the program's stages {stages} do not follow the model's block sequence")
+            starts = [start for _, start in program.stages] + [len(program.nodes)]
+            self.program_stages = list(zip(starts[:-1], starts[1:]))
+            self.by_point = {p.name: p for p in self.points.values()}
         self.block_inputs: dict[int | str, Tensor] = {}
         self.weights_done: set[int] = set()
         self.images = 0
@@ -381,18 +397,56 @@ class _Profiler:
         m = self.model
         # A model without a known block sequence (models accepted by structure alone) runs whole.
         stages = [self.qvit.first_block_input, *self.sequence, lambda h: m.forward_head(m.norm(h))] if self.sequence else [self.qvit]
-        h_fp32 = h_quant = images
+        h_fp32 = images
+        # As QVit.forward: a recipe the integer program runs is simulated in float64 (the isolated view,
+        # one point quantized in the FP32 model, stays float32).
+        h_quant = images.double() if self.qvit.simulates_integer else images
+        env = None if self.program is None else {self.program.input: images}
         for i, stage in enumerate(stages):
             if self.isolated and 0 < i:
                 self.block_inputs[i - 1 if i <= len(self.sequence) else "norm"] = h_fp32
             self.phase = "fp32"
             with self.qvit.fp32():
                 h_fp32 = stage(h_fp32)
-            self.phase = "quant"
-            h_quant = stage(h_quant)
+            if env is None:
+                self.phase = "quant"
+                h_quant = stage(h_quant)
+            else:
+                start, stop = self.program_stages[i]
+                run_program(self.program, images, record=self._on_value, env=env, start=start, stop=stop, constants=self.constants)
+                self._match_program()
             self.phase = "off"
             self.refs.clear()
-        return h_fp32, h_quant
+        if env is not None:
+            h_quant = env[self.program.output]
+        return h_fp32, h_quant.to(h_fp32.dtype)
+
+    def _on_value(self, index: int, node, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+        """The integer program's values at quantization points, kept until the FP32 stage that records the
+        point's reference has run (a residual addition writes the next block's LayerNorm input)."""
+        for name, out in zip(node.outputs, outputs):
+            value = self.program.values[name]
+            point = self.by_point.get(value.point) if value.point else None
+            if point is not None:
+                self._pending[id(point.quantizer)] = (out, value.grid)
+
+    def _match_program(self) -> None:
+        """Every FP32 reference of this stage against the integer program's dequantized codes (a weight:
+        its quantized value, the program's integers times their scale)."""
+        for key, ref in self.refs.items():
+            point = self.points[key]
+            q = point.quantizer
+            detail = self._detail_rows(ref, q.is_weight)
+            if q.is_weight:
+                if key not in self.weights_done:
+                    point.acc.update(ref, q.fake_quant(ref), self._clipped(q, ref) if detail else 0, False, detail)
+                    self.weights_done.add(key)
+                continue
+            codes, grid = self._pending.pop(key, (None, None))
+            if codes is None or codes.numel() != ref.numel():
+                continue
+            quant = grid.dequantize(codes).reshape(ref.shape)
+            point.acc.update(ref, quant, self._clipped(q, ref[:detail]) if detail else 0, True, detail)
 
     @torch.inference_mode()
     def run(self, batches: Iterable[Batch], device: torch.device, progress: bool) -> ProfileResult:
@@ -400,6 +454,8 @@ class _Profiler:
 
         handles = [p.quantizer.register_forward_hook(self._on_quantizer) for p in self.points.values()]
         enabled = {id(p.quantizer): p.quantizer.enabled for p in self.points.values()}
+        if self.program is not None:
+            self.constants = self.program.constants(device)
         start = time.perf_counter()
         seconds_isolated = 0.0
         try:
@@ -537,13 +593,16 @@ def run_profile(
     isolated: bool = False,
     progress: bool = False,
     detail_samples: int = 16,
+    program: Program | None = None,
 ) -> ProfileResult:
     """Profile a calibrated QVit on ``batches`` (``(images, labels, unreadable)`` as the data loaders yield).
 
     Histograms, KL, outlier ratios and the clipped fraction cover the first ``detail_samples`` images;
-    QSNR, MSE, cosine, the FP32 moments and the logit comparison all of them.
+    QSNR, MSE, cosine, the FP32 moments and the logit comparison all of them. With ``program`` (the
+    QVit's integer program, :mod:`models.integer`) the quantized side is the program's integers at each
+    point, dequantized; the clipped fraction is then the FP32 tensor's against the point's grid.
     """
-    return _Profiler(qvit, isolated, detail_samples).run(batches, torch.device(device), progress)
+    return _Profiler(qvit, isolated, detail_samples, program).run(batches, torch.device(device), progress)
 
 
 def profile(qvit: QVit, loader: Iterable, device: torch.device | str = "cpu", isolated: bool = False, detail_samples: int = 16) -> Any:

@@ -12,17 +12,34 @@ quantized. Each layer is handed only the :class:`QuantizerSpec` of its own tenso
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from models.ptq.int_ops import IExpConstants, int_softmax
+from models.integer.gelu import GeluTable
+from models.integer.layernorm import IntLayerNorm
+from models.integer.softmax import IExp, IntSoftmax
 from models.ptq.tensor_quantizer import QuantMode, QuantState, TensorQuantizer
 from quant_config import QuantizerSpec
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantSoftmax", "QuantAttention", "QuantBlock", "SmoothedGELU"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerNorm", "QuantAct", "QuantSoftmax", "QuantAttention", "QuantBlock", "SmoothedGELU", "link_reader"]
+
+
+def link_reader(module: nn.Module, reader: nn.Module) -> None:
+    """Record the layer whose input quantizer reads ``module``'s output, where the integer program
+    computes that output directly on the reader's grid (a LayerNorm, GELU's table). A plain attribute,
+    not a child module (the module tree keeps one path per module); the reader's quantizer is looked up
+    at run time, so a replaced quantizer (a recipe's ``layers``) is the one read."""
+    object.__setattr__(module, "reader", reader)
+
+
+def _reader_quantizer(module: nn.Module) -> TensorQuantizer | None:
+    reader = module.__dict__.get("reader")
+    return None if reader is None else reader.input_quant
 
 
 def _device(module: nn.Module) -> torch.device | None:
@@ -69,6 +86,15 @@ class _QuantWeightedLayer:
             return self.bias
         return self.bias_correction if self.bias is None else self.bias + self.bias_correction
 
+    def quant_operands(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias as the layer computes with them, in ``x``'s dtype: a float64 run (the exact
+        simulation of the integer program, :meth:`models.quant_vit.QVit.forward`) takes the weight's
+        codes times its scale in float64, which float32 would round."""
+        weight, bias = self.weight_quant(self.weight), self.quant_bias()
+        if weight.dtype == x.dtype:
+            return weight, bias
+        return self.weight_quant.as_dtype(weight, x.dtype), None if bias is None else bias.to(x.dtype)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         key = prefix + "bias_correction"
         self.bias_correction = torch.empty_like(state_dict[key], device=self.weight.device) if key in state_dict else None
@@ -82,7 +108,7 @@ class QuantLinear(_QuantWeightedLayer, nn.Linear):
     weight_quant: TensorQuantizer
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
+        return F.linear(self.input_quant(x), *self.quant_operands(x))
 
 
 class QuantConv2d(_QuantWeightedLayer, nn.Conv2d):
@@ -94,7 +120,7 @@ class QuantConv2d(_QuantWeightedLayer, nn.Conv2d):
     input_channel_axis = 1  # an image batch's channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.quant_bias())
+        return self._conv_forward(self.input_quant(x), *self.quant_operands(x))
 
 
 class QuantLayerNorm(nn.LayerNorm):
@@ -103,7 +129,10 @@ class QuantLayerNorm(nn.LayerNorm):
     With PTF the per-channel input scales are ``s * 2^alpha_c``, so an integer LayerNorm can bring all
     channels to the common scale ``s`` with bit shifts and compute mean and variance exactly in
     integers (Sec. 3.2, Eq. 8); with ``ptf_channel_zero_points`` it subtracts each channel's zero point
-    before the shift. Normalising the dequantized input in float is that same computation.
+    before the shift. Normalising the dequantized input in float is that same computation, up to the
+    rounding of the result; the float64 run that simulates the integer program (QVit.forward) takes the
+    integer LayerNorm's own codes (:mod:`models.integer.layernorm`) where a linked reader's grid
+    receives them, so it rounds where the program rounds.
     """
 
     input_quant: TensorQuantizer
@@ -114,11 +143,49 @@ class QuantLayerNorm(nn.LayerNorm):
         module.input_quant = TensorQuantizer(
             layernorm_input, state, num_channels=module.normalized_shape[-1], kind="layernorm_input", device=_device(module)
         )
+        module._integer_cache = None
         return module
 
+    def integer_layernorm(self, out_scale, out_zero, lo: int, hi: int) -> IntLayerNorm | None:
+        """The integer program's LayerNorm from this input point's calibrated grid onto an output grid
+        (scales and stored zero points; stored codes ``lo .. hi``); None for input scales that are not
+        power-of-two steps of one unit."""
+        q = self.input_quant
+        bt = q.spec.bit_type
+        zero = np.rint(q.zero_point.detach().double().cpu().numpy()).astype(np.int64) - bt.qmin
+        affine = [None if p is None else p.detach().double().cpu().numpy() for p in (self.weight, self.bias)]
+        return IntLayerNorm.for_grids(q.scale.detach().double().cpu().numpy(), zero, bt.qmax - bt.qmin, *affine, self.eps,
+                                      out_scale, out_zero, lo, hi)  # fmt: skip
+
+    def _simulated(self, x: Tensor) -> Tensor | None:
+        """The integer LayerNorm's output values, in the float64 run of a quantized model whose reader
+        has a per-tensor uniform grid; None otherwise."""
+        q, out = self.input_quant, _reader_quantizer(self)
+        if x.dtype != torch.float64 or q.state.mode is not QuantMode.QUANT or out is None or not (q.enabled and out.enabled):
+            return None
+        if out.scale.dim() or not out.method.learnable_scale:
+            return None
+        bt_out = out.spec.bit_type
+        out_zero = out.zero_point_value - bt_out.qmin
+        key = (out.scale_value, out_zero, float(q.scale.double().sum()), float(q.zero_point.double().sum()))
+        if self._integer_cache is None or self._integer_cache[0] != key:
+            self._integer_cache = (key, self.integer_layernorm(out.scale_value, out_zero, 0, bt_out.qmax - bt_out.qmin))
+        ln = self._integer_cache[1]
+        if ln is None:
+            return None
+        bt = q.spec.bit_type
+        codes = torch.round(x / q.broadcast(q.scale, x).double()) + (q.broadcast(q.zero_point, x).double() - bt.qmin)
+        return (ln(codes.to(torch.int64)) - out_zero).double() * out.scale_value
+
     def normalize(self, x: Tensor) -> Tensor:
-        """LayerNorm of an input that is already quantized (the residual stream in :class:`QuantBlock`)."""
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        """LayerNorm of an input that is already quantized (the residual stream in :class:`QuantBlock`),
+        in ``x``'s dtype."""
+        simulated = self._simulated(x)
+        if simulated is not None:
+            return simulated
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(self.input_quant(x))
@@ -129,14 +196,21 @@ class SmoothedGELU(nn.GELU):
     MLP's hidden activation into fc2 (models/ptq/reparam.py, ``mlp_alpha``) leaves in the graph.
     Without factors it is ``nn.GELU``. It quantizes nothing itself: fc2's input quantizer quantizes its
     output. The factors are replayed from the calibrated file, so they are not state.
+
+    With ``integer`` (the recipe's ``integer_gelu``) a quantized run computes what the integer program's
+    table does (:mod:`models.integer.gelu`): fc1's output rounded onto the table's index grid, which
+    follows the input grid of ``reader`` (the MLP's fc2, linked by the registry's Mlp entry and read
+    at run time), then float GELU, wherever fc2's input point is enabled; gradients pass as float GELU's.
     """
 
     channel_scale: Tensor | None
 
     @classmethod
-    def convert(cls, module: nn.GELU) -> "SmoothedGELU":
+    def convert(cls, module: nn.GELU, state: QuantState, *, integer: bool) -> "SmoothedGELU":
         module.__class__ = cls
         module.register_buffer("channel_scale", None, persistent=False)
+        module.state = state
+        module.integer = integer
         return module
 
     def set_channel_scale(self, scale: Tensor) -> None:
@@ -145,8 +219,21 @@ class SmoothedGELU(nn.GELU):
         with torch.inference_mode(False):
             self.channel_scale = scale.detach().clone()
 
+    def table(self) -> GeluTable:
+        """The index grid of the integer program's GELU table: up to one step above fc2's top level."""
+        q = _reader_quantizer(self)
+        if q is None:
+            raise RuntimeError("an integer GELU needs the fc2 that reads it (a timm Mlp links them)")
+        top = q.method.grid_bounds(q.scale_value, q.zero_point_value, q.spec.bit_type)[1]
+        return GeluTable.up_to(float(top) + q.scale_value)
+
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
+        # The table's entries are fc2's input codes: it is on where that point is.
+        if self.integer and self.state.mode is QuantMode.QUANT and _reader_quantizer(self).enabled:
+            table = self.table()
+            exact = table.values(table.index(x.detach())).to(y.dtype)
+            y = y + (exact - y).detach() if y.requires_grad else exact
         return y if self.channel_scale is None else y / self.channel_scale
 
 
@@ -167,8 +254,11 @@ class QuantSoftmax(nn.Softmax):
     """Softmax over the last axis with quantized output: FQ-ViT's log-int-softmax (Sec. 3.3) or uniform.
 
     With ``integer=True`` the scores are first quantized (``input_quant``, per tensor, as FQ-ViT's
-    8-bit attention scores) and the exponential is the integer-only i-exp of :mod:`int_ops`; otherwise
-    the softmax is float. ``output_quant`` quantizes the attention map (log2 for LIS, or uniform).
+    8-bit attention scores) and a quantized run computes the integer program's softmax
+    (:class:`~models.integer.softmax.IntSoftmax`: i-exp, integer normalisation, the attention map's
+    codes) exactly, its gradient that of the float softmax; otherwise the softmax is float.
+    ``output_quant`` quantizes the attention map (log2 for LIS, or uniform): on the integer softmax's
+    codes it changes nothing, and the profiler sees it as every other point.
     """
 
     input_quant: TensorQuantizer
@@ -185,23 +275,53 @@ class QuantSoftmax(nn.Softmax):
             scores = dataclasses.replace(scores, calibration_mode="layer_wise", power_of_two_factor=False)
         self.input_quant = TensorQuantizer(scores if integer else None, state, kind="activation", device=device)
         self.output_quant = TensorQuantizer(attention, state, kind="attention", device=device)
-        self._iexp: IExpConstants | None = None
+        self._program: tuple[tuple, IntSoftmax | None] | None = None
+
+    def integer_softmax(self) -> IntSoftmax | None:
+        """The integer softmax for the calibrated score and attention grids; None when the attention grid
+        has no integer normalisation here (twin-uniform, log-sqrt2: their probabilities stay float)."""
+        out = self.output_quant
+        key = (self.input_quant.scale_value, out.scale_value, out.zero_point_value)
+        if self._program is None or self._program[0] != key:
+            bt = out.spec.bit_type
+            method = out.method
+            if method.log_domain and method.power_of_two_scale and method.step == 1.0:
+                program = IntSoftmax.log2(key[0], round(math.log2(key[1])), method.max_code(bt) + 1)
+            elif method.learnable_scale:  # a uniform grid, (code - zero) * scale
+                program = IntSoftmax.uniform(key[0], key[1], round(key[2]) - bt.qmin, bt.qmax - bt.qmin)
+            else:
+                program = None
+            self._program = (key, program)
+        return self._program[1]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask`` (Swin's shifted windows: 0 or -100) is added to the scores after they are quantized, so
         their grid is not stretched over it; a masked score's integer exponential is 0."""
         x = self.input_quant(x)
+        if not (self.integer and self.state.mode is QuantMode.QUANT and self.input_quant.enabled):
+            return self.output_quant((x if mask is None else x + mask).softmax(dim=-1))
+        scale = self.input_quant.scale_value
+        codes = torch.round(x.detach() / scale).to(torch.int64)
         if mask is not None:
-            x = x + mask
-        if self.integer and self.state.mode is QuantMode.QUANT and self.input_quant.enabled:
-            scale = self.input_quant.scale_value
-            if self._iexp is None or self._iexp_scale != scale:
-                self._iexp, self._iexp_scale = IExpConstants.from_scale(scale), scale
-            # The fake-quantized scores are a fresh tensor: the integer softmax may overwrite them.
-            probs = int_softmax(x, scale, self._iexp, dim=-1, inplace=True)
+            codes = codes + torch.round(mask / scale).to(torch.int64)
+        d = codes - codes.amax(dim=-1, keepdim=True)
+        program = self.integer_softmax() if self.output_quant.enabled else None
+        if program is None:
+            exp = IExp.for_scale(scale)(d)[0].double()
+            probs = (exp / exp.sum(dim=-1, keepdim=True)).to(x.dtype)
         else:
-            probs = x.softmax(dim=-1)
+            probs = self._dequantize(program.codes(d), program).to(x.dtype)
+        if x.requires_grad:
+            exact = probs
+            probs = (x if mask is None else x + mask).softmax(dim=-1)
+            probs = probs + (exact - probs).detach()
         return self.output_quant(probs)
+
+    def _dequantize(self, codes: Tensor, program: IntSoftmax) -> Tensor:
+        out = self.output_quant
+        if program.kind == "log2":
+            return torch.where(codes >= program.hi, 0.0, out.scale_value * torch.exp2(-codes.double()))
+        return (codes - (out.zero_point_value - out.spec.bit_type.qmin)).double() * out.scale_value
 
 
 class QuantAttention(Attention):
@@ -263,8 +383,11 @@ class QuantBlock(Block):
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:
-        """Give ``module`` this class's forward, in place (a block has no quantizers of its own)."""
+        """Give ``module`` this class's forward, in place (a block has no quantizers of its own), and link
+        each LayerNorm to the Linear that reads it (:func:`link_reader`)."""
         module.__class__ = cls
+        link_reader(module.norm1, module.attn.qkv)
+        link_reader(module.norm2, module.mlp.fc1)
         return module
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:

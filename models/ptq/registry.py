@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.layers import Mlp
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear, SmoothedGELU
+from models.ptq.layers import QuantAttention, QuantBlock, QuantConv2d, QuantLayerNorm, QuantLinear, SmoothedGELU, link_reader
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
 from models.ptq.tensor_quantizer import QuantState
 from quant_config import QuantRecipe
@@ -65,7 +66,22 @@ def _layernorm(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.
 
 @register(nn.GELU)
 def _gelu(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
-    return SmoothedGELU.convert(module)  # the MLP activation's SmoothQuant division, set only by reparam
+    # The MLP activation: its SmoothQuant division (set only by reparam), the integer program's GELU.
+    return SmoothedGELU.convert(module, state, integer=recipe.integer_gelu)
+
+
+@register(Mlp)
+def _mlp(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    # The integer GELU's table follows fc2's input grid. Set before the children are converted in
+    # place, the link survives their conversion.
+    link_reader(module.act, module.fc2)
+    return module
+
+
+@register(PatchMerging)
+def _patch_merging(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    link_reader(module.norm, module.reduction)  # the integer LayerNorm writes the reduction's input codes
+    return module
 
 
 def _attention(quant_cls: type) -> Converter:

@@ -97,6 +97,7 @@ class TensorQuantizer(nn.Module):
         self._ready = False  # mirror of `calibrated` that needs no device sync
         self._weight_seen = False  # a weight's range was recorded in the range pass
         self._cache: tuple[Any, Tensor] | None = None
+        self._wide: tuple[Any, Tensor] | None = None  # the cached weight in another dtype (as_dtype)
         # Per-tensor scale and uniform zero points as Python floats: the fast path, read back once.
         self._args_key: tuple[int, int] | None = None
         self._scale_float: float | None = None
@@ -205,7 +206,7 @@ class TensorQuantizer(nn.Module):
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
         self.calibrated.fill_(True)
         self._ready = True
-        self._cache = self._args_key = None
+        self._cache = self._args_key = self._wide = None
         self.rounded = None  # chosen on the previous grid
         self.reset_observer()  # the statistics are no longer needed; free them
         return True
@@ -214,7 +215,7 @@ class TensorQuantizer(nn.Module):
     def rescale(self, ratio: float) -> None:
         """Multiply the calibrated scale by ``ratio``, keeping the zero point (the range becomes ``ratio * [lo, hi]``)."""
         self.scale.mul_(ratio)
-        self._cache = self._args_key = None  # inference-mode buffers carry no version to notice the change
+        self._cache = self._args_key = self._wide = None  # inference-mode buffers carry no version to notice the change
 
     @torch.no_grad()
     def set_rounded(self, value: Tensor | None) -> None:
@@ -223,7 +224,7 @@ class TensorQuantizer(nn.Module):
         if not self.is_weight:
             raise RuntimeError(f"quantizer {self.name or '?'} is not a weight's: only weights keep a rounded value")
         self.rounded = None if value is None else value.detach().clone()
-        self._cache = None
+        self._cache = self._wide = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         # The rounded weight is a buffer only where a rounding search set it: follow the file.
@@ -231,7 +232,7 @@ class TensorQuantizer(nn.Module):
         self.rounded = torch.empty_like(state_dict[key], device=self.scale.device) if key in state_dict else None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.calibrated)
-        self._cache = self._args_key = None
+        self._cache = self._args_key = self._wide = None
 
     # -- quantization ------------------------------------------------------------------------------
     def broadcast(self, t: Tensor, x: Tensor) -> Tensor:
@@ -261,6 +262,14 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"quantizer {self.name or '?'} has per-channel scales")
         return self._scale_float
 
+    @property
+    def zero_point_value(self) -> float:
+        """The per-tensor (or shared) zero point as a Python float (read from the device once per calibration)."""
+        self._refresh_args()
+        if self._zp_float is None:
+            raise ValueError(f"quantizer {self.name or '?'} has per-channel zero points")
+        return self._zp_float
+
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize and dequantize ``x`` with the calibrated parameters (no mode checks); a weight with a
         rounded value (GPTQ) gives that value, which is ``x`` quantized by the rounding search."""
@@ -279,6 +288,17 @@ class TensorQuantizer(nn.Module):
         if not self.static_grid:
             return token_scaled_fake_quant(x, scale, zero_point, self.spec.bit_type, self.spec.token_scale_group)
         return self.method.fake_quant(x, scale, zero_point, self.spec.bit_type)
+
+    def as_dtype(self, value: Tensor, dtype: torch.dtype) -> Tensor:
+        """This weight's quantized ``value`` (what :meth:`forward` returned) in ``dtype``: its codes times its
+        scale computed in ``dtype``, so float64 holds the grid's levels exactly where float32 rounds them."""
+        if not (self.is_weight and self.enabled and self._ready):
+            return value.to(dtype)
+        key = (value.data_ptr(), _version(value), dtype)
+        if self._wide is None or self._wide[0] != key:
+            scale = self.broadcast(self.scale, value)
+            self._wide = (key, torch.round(value / scale).to(dtype) * scale.to(dtype))
+        return self._wide[1]
 
     def quantize(self, x: Tensor) -> Tensor:
         if not self._ready:

@@ -1,0 +1,370 @@
+"""The integer program as standard ONNX: ``int_only.onnx`` (FQ-ViT, arXiv 2111.13824, every operation in integers).
+
+Each operation of a :class:`~models.integer.program.Program` becomes standard ONNX operators (no
+``com.microsoft`` ones, so TVM and hardware compilers read it): ``MatMulInteger`` for every GEMM of
+8-bit codes, ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``Gather`` for GELU's table,
+and elementwise
+``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Min``/``Where`` on int32 and int64
+tensors for the rest. Between the one ``QuantizeLinear`` of the float image and the one
+``DequantizeLinear`` of the int32 logits every tensor is an integer type (:func:`float_tensors` checks
+it with ONNX shape inference).
+
+Every emitter repeats its operation's integer arithmetic step for step (:mod:`models.integer.ops`),
+with the same rounding: a floor division by a power of two is a ``Div`` of a non-negative integer
+(the value is first clamped, or offset, to be non-negative; ONNX's integer ``Div`` truncates), or
+``(a - Mod(a, 2^k)) / 2^k`` where the value can be negative (``Mod`` with ``fmod = 0`` follows the
+divisor's sign). So ONNX Runtime and the PyTorch executor give the same integers, which the tests check
+value by value. int64 holds what the PyTorch executor holds in int64: the LayerNorm's sums of squares and
+``isqrt``, the requantizations' products and the fixed-point log2 of the log-int-softmax.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from models.integer.isqrt import BIT_SEARCH, NEWTON_STEPS
+from models.integer.program import Node, Program
+from models.integer.softmax import LOG2_FRACTION, MAX_HALVINGS, IntSoftmax, Log2Fit, _MANTISSA
+
+__all__ = ["OPSET", "float_tensors", "to_onnx", "write_int_only"]
+
+OPSET = 17
+INPUT, OUTPUT = "images", "logits"
+TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "uint16": TensorProto.UINT16, "int16": TensorProto.INT16,
+         "int32": TensorProto.INT32, "int64": TensorProto.INT64, "float32": TensorProto.FLOAT}  # fmt: skip
+I32, I64, U64, U32 = TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.UINT32
+
+
+class _Graph:
+    """ONNX nodes and constants under construction, with fresh names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value, dtype=np.int64, hint: str = "c") -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = self.name(hint)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", [x], to=to)
+
+    def floor_div(self, x: str, divisor: int, nonnegative: bool) -> str:
+        """``floor(x / divisor)`` of an integer tensor (``divisor > 0``)."""
+        d = self.const(divisor)
+        if nonnegative:
+            return self.op("Div", [x, d])
+        return self.op("Div", [self.op("Sub", [x, self.op("Mod", [x, d], fmod=0)]), d])
+
+    def shift_left(self, x: str, shift: str) -> str:
+        """``x << shift`` of non-negative int64 tensors (through uint64)."""
+        return self.cast(self.op("BitShift", [self.cast(x, U64), self.cast(shift, U64)], direction="LEFT"), I64)
+
+    def shift_right(self, x: str, shift: str) -> str:
+        """``floor(x / 2^shift)`` of a non-negative int64 ``x``, tensor ``shift``."""
+        return self.cast(self.op("BitShift", [self.cast(x, U64), self.cast(shift, U64)], direction="RIGHT"), I64)
+
+
+Emitter = Callable[[_Graph, Node, list[str], Program], list[str]]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(op: str) -> Callable[[Emitter], Emitter]:
+    def add(fn: Emitter) -> Emitter:
+        EMITTERS[op] = fn
+        return fn
+
+    return add
+
+
+def _out_type(program: Program, node: Node, i: int = 0) -> int:
+    return TYPES[program.values[node.outputs[i]].dtype]
+
+
+@emitter("quantize")
+def _quantize(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a, c = node.attrs, node.consts
+    y = g.op("QuantizeLinear", [ins[0], g.const(c["scale"], np.float32, "scale"), g.const(c["zero"], np.uint8, "zero")])
+    if a["lo"] > 0 or a["hi"] < 255:
+        y = g.op("Clip", [y, g.const(a["lo"], np.uint8), g.const(a["hi"], np.uint8)])
+    return [y]
+
+
+@emitter("im2col")
+def _im2col(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    kh, kw = node.attrs["kernel"]
+    ch, h, w = program.meta["input_shape"]
+    x = g.op("Reshape", [ins[0], g.const([-1, ch, h // kh, kh, w // kw, kw])])
+    x = g.op("Transpose", [x], perm=[0, 2, 4, 1, 3, 5])
+    return [g.op("Reshape", [x, g.const([-1, (h // kh) * (w // kw), ch * kh * kw])])]
+
+
+@emitter("linear")
+def _linear(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    weight = g.const(node.consts["weight"], np.int8, "weight")
+    return [g.op("MatMulInteger", [ins[0], weight, g.const(node.attrs["x_zero"], np.uint8, "zero")])]
+
+
+@emitter("matmul")
+def _matmul(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a = node.attrs
+    kinds = [program.values[name].dtype for name in node.inputs]
+    if kinds == ["uint8", "uint8"]:
+        return [g.op("MatMulInteger", [ins[0], ins[1], g.const(a["a_zero"], np.uint8), g.const(a["b_zero"], np.uint8)])]
+    # A wide operand (log2 attention weights): int32 MatMul of the centred operands (exact: |sums| < 2^31).
+    operands = []
+    for x, zero, kind in zip(ins, (a["a_zero"], a["b_zero"]), kinds):
+        x = x if kind == "int32" else g.cast(x, I32)
+        operands.append(g.op("Sub", [x, g.const(zero, np.int32)]) if zero else x)
+    return [g.op("MatMul", operands)]
+
+
+@emitter("requant")
+def _requant(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a, c = node.attrs, node.consts
+    sh, lo, hi = a["shift"], a["lo"], a["hi"]
+    acc = None
+    for i, x in enumerate(ins):
+        term = g.op("Mul", [g.cast(x, I64), g.const(c[f"m{i}"])])
+        acc = term if acc is None else g.op("Add", [acc, term])
+    if lo == 0:  # clamp first: the division then floors a non-negative number
+        acc = g.op("Add", [acc, g.const(c["r"])])
+        acc = g.op("Clip", [acc, g.const(0), g.const((hi + 1) * 2**sh - 1)])
+        y = g.op("Div", [acc, g.const(2**sh)])
+    else:
+        y = g.floor_div(g.op("Add", [acc, g.const(c["r"])]), 2**sh, nonnegative=False)
+        y = g.op("Clip", [y, g.const(lo), g.const(hi)])
+    return [g.cast(y, _out_type(program, node))]
+
+
+def _isqrt(g: _Graph, d: str) -> str:
+    """:func:`models.integer.isqrt.isqrt` step for step on a non-negative int64 tensor."""
+    positive = g.op("Max", [d, g.const(1)])
+    n = g.op("Mul", [positive, g.const(0)])
+    for step in BIT_SEARCH:
+        shifted = g.shift_right(positive, g.op("Add", [n, g.const(step)]))
+        n = g.op("Add", [n, g.op("Mul", [g.cast(g.op("Greater", [shifted, g.const(0)]), I64), g.const(step)])])
+    n = g.op("Add", [n, g.const(1)])  # bit length of positive (> 0)
+    x = g.shift_left(g.const(1), g.op("Div", [g.op("Add", [n, g.const(1)]), g.const(2)]))
+    for _ in range(NEWTON_STEPS):
+        x = g.op("Div", [g.op("Add", [x, g.op("Div", [positive, x])]), g.const(2)])
+    too_big = g.cast(g.op("Greater", [g.op("Mul", [x, x]), d]), I64)
+    return g.op("Sub", [x, too_big])
+
+
+@emitter("layernorm")
+def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    ln = node.attrs["layernorm"]
+    axes = g.const([-1])
+    x = g.op("Sub", [g.cast(ins[0], I64), g.const(ln.zero)])
+    x = g.op("Mul", [x, g.const(np.left_shift(np.int64(1), ln.shift))])
+    s = g.op("ReduceSum", [x, axes], keepdims=1)
+    q = g.op("ReduceSum", [g.op("Mul", [x, x]), axes], keepdims=1)
+    d = g.op("Add", [g.op("Sub", [g.op("Mul", [q, g.const(ln.channels)]), g.op("Mul", [s, s])]), g.const(ln.eps)])
+    sigma = g.op("Max", [_isqrt(g, g.op("Mul", [d, g.const(4**ln.f)])), g.const(1)])
+    num = g.op("Mul", [g.op("Sub", [g.op("Mul", [x, g.const(ln.channels)]), s]), g.const(ln.gain)])
+    num = g.op("Add", [num, g.op("Mul", [g.const(ln.offset), sigma])])
+    den = g.op("Mul", [sigma, g.const(2**ln.g)])
+    if ln.lo >= 0:  # truncation and floor differ only below 0, which the clamp maps to lo either way
+        y = g.op("Div", [num, den])
+    else:
+        y = g.op("Div", [g.op("Sub", [num, g.op("Mod", [num, den], fmod=0)]), den])
+    y = g.op("Clip", [y, g.const(ln.lo), g.const(ln.hi)])
+    return [g.cast(y, _out_type(program, node))]
+
+
+def _log2_fit(g: _Graph, v: str, fit: Log2Fit) -> str:
+    """:class:`~models.integer.softmax.Log2Fit` on a non-negative int64 tensor (Horner, floors emulated)."""
+    w = g.op("Sub", [g.op("Div", [v, g.const(2**fit.shift)]), g.const(fit.base)])
+    p = g.op("Add", [g.op("Mul", [w, g.const(0)]), g.const(fit.coeffs[0])])
+    for ck in fit.coeffs[1:]:
+        p = g.op("Add", [g.floor_div(g.op("Mul", [p, w]), 2**16, nonnegative=False), g.const(ck)])
+    return p
+
+
+def _log2_fixed(g: _Graph, v: str) -> str:
+    """:func:`~models.integer.softmax.log2_fixed` on a positive int64 tensor."""
+    n = g.op("Mul", [v, g.const(0)])
+    for step in BIT_SEARCH:
+        shifted = g.shift_right(v, g.op("Add", [n, g.const(step)]))
+        n = g.op("Add", [n, g.op("Mul", [g.cast(g.op("Greater", [shifted, g.const(0)]), I64), g.const(step)])])
+    n = g.op("Add", [n, g.cast(g.op("Greater", [v, g.const(0)]), I64)])
+    up = g.op("Max", [g.op("Sub", [g.const(16), n]), g.const(0)])
+    down = g.op("Max", [g.op("Sub", [n, g.const(16)]), g.const(0)])
+    m = g.shift_right(g.shift_left(v, up), down)
+    return g.op("Add", [g.op("Mul", [g.op("Sub", [n, g.const(16)]), g.const(2**LOG2_FRACTION)]), _log2_fit(g, m, _MANTISSA)])
+
+
+@emitter("softmax")
+def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    sm: IntSoftmax = node.attrs["softmax"]
+    iexp = sm.iexp
+    axes = g.const([-1])
+    x = g.cast(ins[0], I32)
+    if "mask" in node.consts:  # (images * windows, heads, N, N) + (windows, 1, N, N), window by window
+        mask = node.consts["mask"]
+        windows, n = mask.shape[0], mask.shape[-1]
+        heads = node.attrs["heads"]
+        grouped = g.op("Reshape", [x, g.const([-1, windows, heads, n, n])])
+        x = g.op("Reshape", [g.op("Add", [grouped, g.const(mask[:, None], np.int32)]), g.const([-1, heads, n, n])])
+    d = g.op("Sub", [x, g.op("ReduceMax", [x], axes=[-1], keepdims=1)])  # <= 0
+    if iexp.shift >= 0:
+        fine = g.op("Mul", [d, g.const(2**iexp.shift, np.int32)])
+    else:  # floor(d / 2^k) of d <= 0: -ceil(-d / 2^k)
+        fine = g.op("Neg", [g.op("Div", [g.op("Add", [g.op("Neg", [d]), g.const(2**-iexp.shift - 1, np.int32)]), g.const(2**-iexp.shift, np.int32)])])
+    fine = g.op("Max", [fine, g.const(-MAX_HALVINGS * iexp.ln2, np.int32)])
+    z = g.op("Div", [g.op("Neg", [fine]), g.const(iexp.ln2, np.int32)])
+    r = g.op("Add", [fine, g.op("Mul", [z, g.const(iexp.ln2, np.int32)])])
+    t = g.op("Add", [r, g.const(iexp.b, np.int32)])
+    poly = g.op("Add", [g.op("Mul", [t, t]), g.const(iexp.c, np.int32)])
+    e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
+    total = g.op("ReduceSum", [e, axes], keepdims=1)
+    if sm.kind == "uniform":
+        e64, total64 = g.cast(e, I64), g.cast(total, I64)
+        num = g.op("Add", [g.op("Mul", [e64, g.const(sm.mul)]), g.op("Mul", [total64, g.const(sm.half)])])
+        y = g.op("Div", [num, g.op("Mul", [total64, g.const(2**sm.g)])])
+    else:
+        one = 2**LOG2_FRACTION
+        t = g.op("Sub", [_log2_fixed(g, g.cast(total, I64)), _log2_fit(g, g.cast(poly, I64), sm.poly_log2)])
+        t = g.op("Add", [t, g.op("Mul", [g.cast(z, I64), g.const(one)])])
+        t = g.op("Add", [t, g.const((sm.rsh + sm.exponent) * one + one // 2)])
+        y = g.floor_div(t, one, nonnegative=False)
+    y = g.op("Clip", [y, g.const(0), g.const(sm.hi)])
+    return [g.cast(y, _out_type(program, node))]
+
+
+@emitter("decode")
+def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a = node.attrs
+    codes = g.cast(ins[0], I32)
+    amount = g.op("Max", [g.op("Sub", [g.const(a["top"], np.int32), codes]), g.const(0, np.int32)])
+    weights = g.cast(g.op("BitShift", [g.const(1, np.uint32), g.cast(amount, U32)], direction="LEFT"), I32)
+    keep = g.cast(g.op("Less", [codes, g.const(a["hi"], np.int32)]), I32)
+    return [g.op("Mul", [weights, keep])]
+
+
+@emitter("lookup")
+def _lookup(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    table = node.consts["table"]
+    return [g.op("Gather", [g.const(table, table.dtype, "table"), ins[0]], axis=0)]
+
+
+@emitter("reshape")
+def _reshape(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    return [g.op("Reshape", [ins[0], g.const(node.attrs["shape"])])]
+
+
+@emitter("transpose")
+def _transpose(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    return [g.op("Transpose", [ins[0]], perm=list(node.attrs["perm"]))]
+
+
+@emitter("slice")
+def _slice(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a = node.attrs
+    return [g.op("Slice", [ins[0], g.const([a["start"]]), g.const([a["end"]]), g.const([a["axis"]])])]
+
+
+@emitter("roll")
+def _roll(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    x = ins[0]
+    for shift, dim, size in zip(node.attrs["shifts"], node.attrs["dims"], node.attrs["sizes"]):
+        k = shift % size
+        if k == 0:
+            continue
+        tail = g.op("Slice", [x, g.const([size - k]), g.const([size]), g.const([dim])])
+        head = g.op("Slice", [x, g.const([0]), g.const([size - k]), g.const([dim])])
+        x = g.op("Concat", [tail, head], axis=dim)
+    return [x]
+
+
+@emitter("concat_const")
+def _concat_const(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    prefix = node.consts["prefix"]
+    dtype = np.uint8 if program.values[node.outputs[0]].dtype == "uint8" else np.uint16
+    batch = g.op("Slice", [g.op("Shape", [ins[0]]), g.const([0]), g.const([1]), g.const([0])])
+    shape = g.op("Concat", [batch, g.const(list(prefix.shape))], axis=0)
+    tokens = g.op("Expand", [g.const(prefix[None].astype(dtype), dtype, "prefix"), shape])
+    return [g.op("Concat", [tokens, ins[0]], axis=1)]
+
+
+@emitter("sum")
+def _sum(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    a = node.attrs
+    return [g.op("ReduceSum", [g.cast(ins[0], I32), g.const(list(a["axes"]))], keepdims=int(a["keepdims"]))]
+
+
+@emitter("dequantize")
+def _dequantize(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
+    return [g.op("DequantizeLinear", [ins[0], g.const(node.consts["scale"], np.float32, "logit_scale")])]
+
+
+def to_onnx(program: Program) -> onnx.ModelProto:
+    """The program as an ONNX model: ``images`` (float, dynamic batch) in, ``logits`` (float) out."""
+    g = _Graph()
+    names = {program.input: INPUT}
+    for node in program.nodes:
+        outs = EMITTERS[node.op](g, node, [names[i] for i in node.inputs], program)
+        for value, out in zip(node.outputs, outs):
+            names[value] = out
+    g.nodes.append(helper.make_node("Identity", [names[program.output]], [OUTPUT], name="logits"))
+    ch, h, w = program.meta["input_shape"]
+    graph = helper.make_graph(
+        g.nodes, "int_only",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", ch, h, w])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", program.meta["classes"]])],
+        g.initializers,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qvit-integer")
+    model.ir_version = 8
+    return model
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Every float tensor (by shape inference) other than the graph's input and output and the scales of
+    its one QuantizeLinear and one DequantizeLinear: empty for an integer-only program."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    g = inferred.graph
+    allowed = {INPUT, OUTPUT}
+    for node in g.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            allowed.add(node.input[1])
+            if node.op_type == "DequantizeLinear":
+                allowed.add(node.output[0])
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    typed = [*g.value_info, *g.input, *g.output]
+    out = [v.name for v in typed if v.type.tensor_type.elem_type in floats and v.name not in allowed]
+    out += [t.name for t in g.initializer if t.data_type in floats and t.name not in allowed]
+    quant = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if len(quant) != 2:
+        out.append(f"{len(quant)} QuantizeLinear/DequantizeLinear nodes (expected 1 each)")
+    return out
+
+
+def write_int_only(program: Program, path: Path) -> onnx.ModelProto:
+    """Write the program's ONNX form to ``path`` (checked by ``onnx.checker``); returns the model."""
+    model = to_onnx(program)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return model
