@@ -19,6 +19,13 @@ Steps, each with a progress line:
               --batch; the same checks as step 3 on the engines, throughput, the engine inspector's
               precisions per layer; otherwise the script stops after step 3 (exit 2 unless TensorRT
               was left out of --runtimes, or --onnx-only was given)
+With --integer-only the script writes the recipe's integer-only program instead (models/integer):
+  1. export   fp32.onnx, and int_only.onnx: standard ONNX operators on integer tensors only between the
+              image's QuantizeLinear and the int32 logits' DequantizeLinear (utils/integer_onnx.py)
+  2. simplify onnxslim, onnx.checker, ONNX shape inference finds no float tensor inside
+  3. verify   in ONNX Runtime: the same logits as the PyTorch integer executor on every image (bit for
+              bit), agreement with the fake-quant model and FP32; int_only.onnx against fp32.onnx at each
+              --batch; with --golden N, golden vectors of N images (golden/: every tensor and constant)
 A runtime that is not installed is skipped with one line. With TensorRT among the runtimes every
 activation is exported symmetric (TensorRT takes zero point 0 only); without it, uint8 activations keep
 their zero points. A recipe some runtime cannot run as calibrated (FQ-ViT's log2 softmax and PTF, other
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="timm model name the calibrated file was made for")
     p.add_argument("--checkpoint", default=None, help="local weights (default: timm pretrained)")
     p.add_argument("--calibrated", required=True, help="calibrated quantizer state written by test_qvit.py --save-calibrated")
-    p.add_argument("--runtimes", default="ort,openvino,tensorrt", help="where to verify and benchmark: ort, openvino, tensorrt (default all three)")
+    p.add_argument("--runtimes", default=None, help="where to verify and benchmark: ort, openvino, tensorrt (default all three; ort with --integer-only)")
     p.add_argument("--batch", default="1,32", help="batch sizes to benchmark (default 1,32)")
     p.add_argument("--onnx-only", action="store_true", help="leave TensorRT out: stop after the CPU runtimes")
     p.add_argument("--allow-fallback", action="store_true", help="export points a runtime cannot run as calibrated mapped or in float instead of refusing")
@@ -59,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-iters", type=int, default=10, help="timed runs per benchmark cell (median; default 10)")
     p.add_argument("--threads", type=int, default=0, help="CPU runtime threads (default 0: the runtime's choice)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--integer-only", action="store_true",
+                   help="write the integer-only program as int_only.onnx (integer tensors only, standard operators), verified in ONNX Runtime")
+    p.add_argument("--golden", type=int, default=0, metavar="N",
+                   help="with --integer-only: golden vectors of N verification images for hardware (golden/: every layer's integers and constants)")
     return p
 
 
@@ -110,7 +121,13 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     from utils.runtimes import parse_runtimes
 
     batches = parse_batches(args.batch)
-    runtimes = parse_runtimes(args.runtimes)
+    runtimes = parse_runtimes(args.runtimes or ("ort" if args.integer_only else "ort,openvino,tensorrt"))
+    if args.integer_only and runtimes != ["ort"]:
+        raise UserError(f"--integer-only verifies int_only.onnx in ONNX Runtime: use --runtimes ort, not {args.runtimes!r}")
+    if args.golden and not args.integer_only:
+        raise UserError("--golden writes the integer program's tensors: it needs --integer-only")
+    if args.golden < 0:
+        raise UserError(f"--golden must be 0 or more images, got {args.golden}")
     if args.onnx_only:
         runtimes = [r for r in runtimes if r != "tensorrt"]
     for flag, value in (("--verify-images", args.verify_images), ("--bench-iters", args.bench_iters)):
@@ -305,6 +322,8 @@ def benchmark_step(compiled: dict[str, dict], batches: list[int], size: tuple[in
 def convert(args: argparse.Namespace) -> Path:
     batches, runtimes = check_arguments(args)
     qvit, data_config = load_model(args)
+    if args.integer_only:
+        return convert_integer(args, qvit, data_config, batches)
     size = tuple(data_config["input_size"][1:])
     plan = plan_export(qvit, runtimes, args.allow_fallback)
 
@@ -332,6 +351,102 @@ def convert(args: argparse.Namespace) -> Path:
         print(f"      skipped: {reason}")
         if "tensorrt" in runtimes:
             raise UserError(f"no TensorRT engine: {reason}; ONNX models are in {run.final} (use --onnx-only to stop there)")
+    return run.final
+
+
+def integer_program(qvit):
+    """The calibrated model's integer program; what it cannot express is a one-line UserError."""
+    from models.integer.lower import IntegerUnsupported, lower
+
+    refusal = qvit.recipe.integer_refusal()
+    if refusal is not None:
+        raise UserError(f"--integer-only: {refusal}")
+    try:
+        return lower(qvit)
+    except IntegerUnsupported as exc:
+        raise UserError(f"--integer-only: {exc}") from None
+
+
+def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: list[int]) -> Path:
+    """--integer-only: int_only.onnx, simplified and checked integer-only, verified against the PyTorch
+    integer executor in ONNX Runtime, timed against fp32.onnx, and golden vectors with --golden."""
+    import onnx
+    import torch
+
+    from models.integer.golden import write_golden
+    from models.integer.program import run as run_program
+    from utils.integer_onnx import float_tensors, write_int_only
+    from utils.onnx_export import export_onnx, simplify
+    from utils.run_dir import RunDir, write_json_atomic
+    from utils.runtimes import load_model as load_runtime_model
+    from utils.runtimes import unavailable_reason
+
+    program = integer_program(qvit)
+    reason = unavailable_reason("ort")
+    if reason is not None:
+        raise UserError(f"--integer-only verifies int_only.onnx in ONNX Runtime: {reason}")
+    size = tuple(data_config["input_size"][1:])
+    run = RunDir(Path(args.out))
+    with run:
+        folder = run.path
+        report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "integer_only": True}
+        print(f"[1/3] export: {qvit.recipe.name}'s integer program ({len(program.nodes)} integer operations) to int_only.onnx, and fp32.onnx")
+        export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=args.opset)
+        write_int_only(program, folder / "int_only.raw.onnx")
+        print("[2/3] simplify and check")
+        tools = [simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx") for name in ("fp32", "int_only")]
+        for name in ("fp32", "int_only"):
+            (folder / f"{name}.raw.onnx").unlink()
+        model = onnx.load(str(folder / "int_only.onnx"))
+        floats = float_tensors(model)
+        if floats:
+            raise RuntimeError(f"int_only.onnx holds float tensors after simplification: {', '.join(floats[:5])}")
+        sizes = {name: (folder / f"{name}.onnx").stat().st_size for name in ("fp32", "int_only")}
+        ops = sorted({n.op_type for n in model.graph.node})
+        print(f"      {tools[1]}; onnx.checker passed; shape inference: every tensor between QuantizeLinear and DequantizeLinear is an integer")
+        print(f"      {len(model.graph.node)} nodes of {len(ops)} standard operators ({', '.join(ops)})")
+        print(f"      int_only.onnx {sizes['int_only'] / 2**20:.1f} MiB = {sizes['int_only'] / sizes['fp32']:.3f}x fp32.onnx")
+        report.update(simplifier=tools[1], nodes=len(model.graph.node), operators=ops, bytes=sizes)
+        loader, source = verification_images(args, data_config, size)
+        print(f"[3/3] verify in ONNX Runtime on {source}")
+        compiled = {"fp32": load_runtime_model("ort", folder / "fp32.onnx", args.threads), "int_only": load_runtime_model("ort", folder / "int_only.onnx", args.threads)}
+        constants = program.constants(torch.device("cpu"))
+
+        def torch_logits(x: torch.Tensor, mode: str) -> np.ndarray:
+            with torch.no_grad():
+                if mode == "integer":
+                    return run_program(program, x, constants=constants)[program.output].numpy()
+                if mode == "fp32":
+                    with qvit.fp32():
+                        return qvit(x).numpy()
+                return qvit(x).numpy()
+
+        models = {f"torch_{m}": (lambda x, m=m: torch_logits(x, m)) for m in ("fp32", "fake_quant", "integer")}
+        models.update({f"ort_{name}": (lambda x, f=f: f(x.numpy())) for name, f in compiled.items()})
+        logits, labels = collect_logits(loader, models)
+        fp32 = logits["torch_fp32"]
+        identical = bool(np.array_equal(logits["ort_int_only"], logits["torch_integer"]))
+        report["verify"] = verify = {
+            "images": len(fp32),
+            "ort_equals_pytorch_integer": identical,
+            "ort_fp32_max_abs_diff": float(np.abs(logits["ort_fp32"] - fp32).max()),
+            "integer_vs_fake_quant": compare(logits["torch_integer"], logits["torch_fake_quant"], labels, fp32),
+            "fake_quant": compare(logits["torch_fake_quant"], fp32, labels, fp32),
+        }
+        print(f"      ONNX Runtime int_only.onnx vs the PyTorch integer executor: {'identical logits on every image' if identical else 'DIFFERENT logits'}"
+              f" ({len(fp32)} images)")  # fmt: skip
+        if not identical:
+            print("warning: ONNX Runtime and the PyTorch integer executor disagree; please report this", file=sys.stderr)
+        print(f"      integer program: {describe(verify['integer_vs_fake_quant'], 'PyTorch fake-quant')}")
+        if labels is not None:
+            print(f"      integer program top-1 {verify['integer_vs_fake_quant']['top1']:.2f}% (fake-quant {verify['fake_quant']['top1']:.2f}%, "
+                  f"FP32 {top1_accuracy(fp32, labels):.2f}%)")  # fmt: skip
+        report["benchmark"] = {"ort": benchmark_step({"ort": {"fp32": compiled["fp32"], "int8": compiled["int_only"]}}, batches, size, args.bench_iters)["ort"]}
+        if args.golden:
+            images = torch.cat([x for x, _, _ in loader if x is not None])[: args.golden]
+            report["golden"] = facts = write_golden(program, images, folder / "golden")
+            print(f"      golden vectors of {facts['images']} image(s): {facts['tensors']} tensors, {facts['constants']} constants in golden/ (docs/integer.md)")
+        write_json_atomic(folder / "conversion.json", report)
     return run.final
 
 

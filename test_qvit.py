@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe value, e.g. --set attention.bit_type.bits=4 (repeatable)")
     g.add_argument("--save-calibrated", nargs="?", const="", default=None, metavar="PATH", help="save the calibrated quantizer state (default RUN/calibrated.pt)")
     g.add_argument("--load-calibrated", default=None, metavar="PATH", help="skip calibration: load a file written by --save-calibrated (uses its recipe)")
+    g.add_argument("--integer-only", action="store_true",
+                   help="evaluate and profile the integer-only program (models/integer) instead of the fake-quant model; "
+                        "the recipe must quantize every point with integer softmax and GELU (fqvit_w8a8_att8, fqvit_w8a8_att4, integer_w8a8)")
     g = p.add_argument_group("profiling (per-point statistics, written with every run)")
     g.add_argument("--profile-samples", type=int, default=64, help="evaluation images (a fixed, evenly spread subset) the profiler runs on")
     g.add_argument("--no-profile", action="store_true", help="skip the profiler")
@@ -127,6 +130,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--demo makes its own model and images; drop --data/--calib-dir/--val-dir/--checkpoint/--load-calibrated")
     if args.load_calibrated and (args.config or args.observer or args.calibration_mode or args.set):
         raise UserError("--load-calibrated uses the recipe stored in the file; drop --config/--observer/--calibration-mode/--set")
+    if args.integer_only and args.profile == "isolated":
+        raise UserError("--profile isolated quantizes one point of the fake-quant model at a time; with --integer-only the profile is the integer program's")
     if args.load_calibrated and args.save_calibrated is not None:
         raise UserError("--save-calibrated with --load-calibrated would only copy the loaded file; drop one")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
@@ -203,13 +208,16 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
         qvit, model_facts, loader_args = build_qvit(args, job, device, where, say)
         with RunDir(args.log_dir) if where.main else contextlib.nullcontext() as run_dir:
             calibration = calibrate_or_load(args, job, qvit, model_facts, loader_args, device, where, run_dir, say)
-            say(f"Evaluating FP32 and INT8 on {len(job.val_samples)} images from {job.val_dir}")
-            ev = evaluate_step(args, job, qvit, loader_args, device, where)
+            program = integer_program(qvit, say) if args.integer_only else None
+            say(f"Evaluating FP32 and {'the integer program' if program else 'INT8'} on {len(job.val_samples)} images from {job.val_dir}")
+            ev = evaluate_step(args, job, qvit, loader_args, device, where, program)
             if ev is None:  # not rank 0
                 return None
             write_results(args, job, ev, calibration, run_dir.path)
             summary = run_summary(args, job, qvit, model_facts, calibration, ev, device, where)
-            totals = None if args.no_profile else profile_step(args, job, qvit, loader_args, device, where, run_dir.path)
+            if program is not None:
+                summary["integer_program"] = program_facts(program)
+            totals = None if args.no_profile else profile_step(args, job, qvit, loader_args, device, where, run_dir.path, program)
             if totals is not None:
                 summary["profile"] = totals
             write_json_atomic(run_dir.path / "qvit_summary.json", summary)
@@ -236,6 +244,10 @@ def choose_recipe_and_model(args: argparse.Namespace) -> Job:
             recipe = recipe.with_overrides(overrides, where=f"{recipe_path} + command line")
         job = Job(recipe, str(recipe_path), args.model or (DEMO_MODEL if args.demo else DEFAULT_MODEL))
     check_model_name(job.model_name)
+    if args.integer_only:
+        refusal = job.recipe.integer_refusal()
+        if refusal is not None:
+            raise UserError(f"--integer-only: {refusal}")
     return job
 
 
@@ -319,14 +331,42 @@ def calibrate_or_load(args: argparse.Namespace, job: Job, qvit, model_facts: dic
     return Calibration(cal.images, cal.unreadable, cal.seconds)
 
 
-def evaluate_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist):
-    """FP32 and INT8 over the evaluation images, combined over the processes; None except on rank 0."""
+def integer_program(qvit, say: Callable):
+    """The calibrated QVit's integer program (models/integer); a point it cannot express is a UserError."""
+    from models.integer.lower import IntegerUnsupported, lower
+
+    try:
+        program = lower(qvit)
+    except IntegerUnsupported as exc:
+        raise UserError(f"--integer-only: {exc}") from None
+    say(f"Integer program: {len(program.nodes)} integer operations, {sum(v.dtype != 'float32' for v in program.values.values())} integer tensors")
+    return program
+
+
+def program_facts(program) -> dict:
+    """What qvit_summary.json records about the integer program."""
+    from collections import Counter
+
+    return {"nodes": len(program.nodes), "operations": dict(Counter(n.op for n in program.nodes)),
+            "tensor_types": dict(Counter(v.dtype for v in program.values.values()))}  # fmt: skip
+
+
+def evaluate_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist, program=None):
+    """FP32 and INT8 (the fake-quant model, or the integer ``program``) over the evaluation images, combined
+    over the processes; None except on rank 0."""
     from utils.data import make_loader
     from utils.distributed import gather_eval
     from utils.engine import evaluate
 
+    quantized = None
+    if program is not None:
+        from models.integer.program import run as run_program
+
+        constants = program.constants(device)
+        quantized = lambda x: run_program(program, x, constants=constants)[program.output]  # noqa: E731
     progress = not args.no_progress and where.main
-    ev = gather_eval(evaluate(qvit, make_loader(shard(args, job.val_samples, where), **loader_args), device, progress, amp=args.amp), where)
+    loader = make_loader(shard(args, job.val_samples, where), **loader_args)
+    ev = gather_eval(evaluate(qvit, loader, device, progress, amp=args.amp, quantized=quantized), where)
     if not where.main:
         return None
     if ev is None:
@@ -345,7 +385,8 @@ def write_results(args: argparse.Namespace, job: Job, ev, calibration: Calibrati
 
     table = results_table(ev.fp32, ev.int8, ev.agreement_top1, ev.logit_cosine)
     print(table)
-    header = f"{job.model_name} | recipe {job.recipe.name} | {calibration.images} calibration images | {dt.datetime.now():%Y-%m-%d %H:%M}\n"
+    quantized = "INT8 is the integer-only program" if args.integer_only else "INT8 is the fake-quant model"
+    header = f"{job.model_name} | recipe {job.recipe.name} | {calibration.images} calibration images | {quantized} | {dt.datetime.now():%Y-%m-%d %H:%M}\n"
     if args.demo:
         header = "DEMO (random weights, generated images): these numbers mean nothing.\n" + header
     write_text_atomic(folder / "qvit_results.txt", header + table + "\n")
@@ -384,6 +425,7 @@ def run_summary(args: argparse.Namespace, job: Job, qvit, model_facts: dict, cal
         "device": str(device),
         "processes": where.world,
         "amp_fp32": bool(args.amp),
+        "integer_only": bool(args.integer_only),
         "batch_size": args.batch_size,
         "demo": bool(args.demo),
         "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -392,8 +434,9 @@ def run_summary(args: argparse.Namespace, job: Job, qvit, model_facts: dict, cal
     }
 
 
-def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist, folder: Path) -> dict | None:
-    """The profiler on --profile-samples evaluation images: qvit_statistics.csv, histograms; its totals."""
+def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, device, where: Dist, folder: Path, program=None) -> dict | None:
+    """The profiler on --profile-samples evaluation images: qvit_statistics.csv, histograms; its totals
+    (with ``program``: the integer program's integers at each point against FP32)."""
     from utils.data import evenly_spaced, make_loader
     from utils.plots import select_histogram_points, write_point_histograms
     from utils.profiler import NoImagesError, run_profile
@@ -401,9 +444,12 @@ def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, de
 
     subset = evenly_spaced(job.val_samples, args.profile_samples)
     views = "accumulated and isolated views" if args.profile == "isolated" else "accumulated view"
+    if program is not None:
+        views = "the integer program against FP32"
     print(f"Profiling {len(subset)} evaluation images ({views})")
     try:
-        result = run_profile(qvit, make_loader(subset, **loader_args), device, isolated=args.profile == "isolated", progress=not args.no_progress and where.main)
+        result = run_profile(qvit, make_loader(subset, **loader_args), device, isolated=args.profile == "isolated",
+                             progress=not args.no_progress and where.main, program=program)  # fmt: skip
     except NoImagesError as exc:  # the evaluation's numbers still stand
         print(f"warning: profile skipped: {exc}", file=sys.stderr)
         return None

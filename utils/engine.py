@@ -196,11 +196,14 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True, amp: bool = False) -> EvalResult | None:
+def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True, amp: bool = False,
+             quantized: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult | None:  # fmt: skip
     """FP32 and quantized predictions on every image; None if no image could be read.
 
-    ``amp`` runs the FP32 baseline under CUDA autocast (float16); the quantized model always runs in float32.
+    ``amp`` runs the FP32 baseline under CUDA autocast (float16); the quantized model is unaffected.
+    ``quantized`` replaces the fake-quant model (the integer program's executor: images -> logits).
     """
+    quantized = quantized or qvit
     labels, fp32_top5, int8_top5 = [], [], []
     cosine_sum = torch.zeros((), dtype=torch.float64, device=device)
     non_finite = torch.zeros(2, dtype=torch.int64, device=device)  # FP32, INT8 images; on the device: no sync per batch
@@ -217,7 +220,7 @@ def evaluate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progres
             with timer("fp32"), qvit.fp32(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 logits_fp32 = qvit(x).float()
             with timer("int8"):
-                logits_int8 = qvit(x)
+                logits_int8 = quantized(x)
             k = min(5, logits_fp32.shape[1])
             finite_fp32, finite_int8 = logits_fp32.isfinite().all(dim=1), logits_int8.isfinite().all(dim=1)
             non_finite += torch.stack([(~finite_fp32).sum(), (~finite_int8).sum()])
