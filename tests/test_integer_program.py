@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 
-from conftest import calibrated, make_tiny_vit, tiny_images
+from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
 from models.integer.lower import IntegerUnsupported, lower
 from models.integer.program import INT_RANGES, run
 from models.ptq.tensor_quantizer import TensorQuantizer
@@ -72,6 +72,17 @@ def test_integer_program_is_the_fake_quant_model_value_by_value(recipe, variant)
     qvit = calibrated(recipe, model=make_tiny_vit(**VIT_VARIANTS[variant]))
     assert qvit.simulates_integer
     _check_bit_exact(qvit, tiny_images(6, seed=77))
+
+
+@pytest.mark.parametrize("recipe", ["fqvit_w8a8_att8", "fqvit_w8a8_att4"])
+def test_swin_program_is_the_fake_quant_model_value_by_value(recipe):
+    """Window attention with its relative position bias and shift mask, PatchMerging, average pooling."""
+    program = _check_bit_exact(calibrated(recipe, model=make_tiny_swin(), size=SWIN_SIZE), tiny_images(4, seed=9, size=SWIN_SIZE))
+    ops = [n.op for n in program.nodes]
+    assert "roll" in ops and "sum" in ops
+    assert any("mask" in n.consts for n in program.nodes if n.op == "softmax")  # the shifted blocks' mask
+    assert [name for name, _ in program.stages] == ["embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample",
+                                                    "layers.1.blocks.0", "layers.1.blocks.1", "head"]  # fmt: skip
 
 
 def test_distilled_deit_averages_its_two_heads_in_integers():

@@ -219,9 +219,11 @@ class Builder:
         value = self.value(name, dtype, lo, hi, out.grid, out.point if layout else None)
         return self.emit(name, "requant", [x for x, _ in terms], [value], {"shift": sh, "lo": lo, "hi": hi}, consts)[0]
 
-    def layernorm(self, name: str, x: str, module: nn.Module, out: Codes, lo: int | None = None, hi: int | None = None) -> str:
+    def layernorm(self, name: str, x: str, module: nn.Module, out: Codes, lo: int | None = None, hi: int | None = None,
+                  layout: bool = True) -> str:  # fmt: skip
         """The integer LayerNorm of ``module`` (a QuantLayerNorm) from its input point's codes ``x`` onto
-        ``out`` (the constants the fake-quant model's own integer LayerNorm uses, where it has one)."""
+        ``out`` (the constants the fake-quant model's own integer LayerNorm uses, where it has one);
+        ``layout`` as :meth:`requant`'s."""
         xc = self.codes(module.input_quant)
         if lo is None:
             lo, hi = (0, out.hi) if out.kind != "fixed" else (-out.hi, out.hi)
@@ -229,7 +231,22 @@ class Builder:
         if ln is None:
             raise IntegerUnsupported(f"{xc.point}: a LayerNorm input needs one scale or power-of-two multiples of one step per channel (PTF)")
         dtype = out.dtype if out.kind != "fixed" else "int32"
-        return self.emit(name, "layernorm", [x], [self.value(name, dtype, lo, hi, out.grid, out.point)], {"layernorm": ln})[0]
+        value = self.value(name, dtype, lo, hi, out.grid, out.point if layout else None)
+        return self.emit(name, "layernorm", [x], [value], {"layernorm": ln})[0]
+
+    def logits(self, heads: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
+        """The mean of the heads' accumulators (each with its scale and bias) as int32 logits on one
+        power-of-two step, whose largest possible value stays below 2^30, then float: the output."""
+        weight = 1.0 / len(heads)
+        finest = min(float(s.min()) for _, s, _ in heads)
+        reach = sum((_bound(self.values[a]) + float(np.abs(bias).max())) * float(s.max()) * weight for a, s, bias in heads)
+        step = 2.0 ** max(math.floor(math.log2(finest)), math.ceil(math.log2(max(reach, 1e-30))) - 30)
+        limit = INT32_MAX
+        terms = [(a, s * weight / step) for a, s, _ in heads]
+        offset = sum(bias * s * weight / step for _, s, bias in heads)
+        logits = self.requant("logits", terms, offset, Codes.fixed(step, 0, 0), -limit, limit)
+        out = self.value("logits.float", "float32", -math.inf, math.inf)
+        return self.emit(out.name, "dequantize", [logits], [out], consts={"scale": np.asarray(step, np.float32)})[0]
 
     # -- attention -------------------------------------------------------------------------------------
     def attention(self, prefix: str, x: str, attn: nn.Module, heads: int, tokens: int, bias: np.ndarray | None = None,

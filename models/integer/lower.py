@@ -24,18 +24,17 @@ import numpy as np
 import torch
 from timm.layers import LayerScale
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.integer.builder import Builder, Codes, IntegerUnsupported
+from models.integer.lower_swin import lower_swin
 from models.integer.program import Program
 from models.ptq.layers import QuantLayerNorm
 from models.quant_vit import QVit
 
 __all__ = ["LOWERINGS", "IntegerUnsupported", "lower"]
-
-LOGIT_BITS = 30  # the int32 logits' largest possible magnitude stays below 2^30
-
 
 def lower(qvit: QVit) -> Program:
     """The integer program of a calibrated QVit (CPU constants; run it with :func:`models.integer.program.run`)."""
@@ -105,21 +104,6 @@ def _block(b: Builder, prefix: str, blk: nn.Module, stream: str, tokens: int, ne
     return _residual(b, f"{prefix}.output", stream, branch, _layer_scale(blk.ls2, width), next_codes)
 
 
-def _logits(b: Builder, heads: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
-    """The mean of the heads' accumulators (scale, bias) as int32 logits on one power-of-two step, then
-    float: the program's output."""
-    weight = 1.0 / len(heads)
-    finest = min(float(s.min()) for _, s, _ in heads)
-    reach = sum((max(abs(b.values[a].lo), abs(b.values[a].hi)) + float(np.abs(bias).max())) * float(s.max()) * weight for a, s, bias in heads)
-    step = 2.0 ** max(math.floor(math.log2(finest)), math.ceil(math.log2(max(reach, 1e-30))) - LOGIT_BITS)
-    limit = 2**31 - 1
-    terms = [(a, s * weight / step) for a, s, _ in heads]
-    offset = sum(bias * s * weight / step for _, s, bias in heads)
-    logits = b.requant("logits", terms, offset, Codes.fixed(step, 0, 0), -limit, limit)
-    out = b.value("logits.float", "float32", -math.inf, math.inf)
-    return b.emit(out.name, "dequantize", [logits], [out], consts={"scale": np.asarray(step, np.float32)})[0]
-
-
 def lower_vit(qvit: QVit) -> Program:
     model = qvit.model
     _check_vit(model)
@@ -170,11 +154,12 @@ def lower_vit(qvit: QVit) -> Program:
         x = b.layernorm(f"norm.{name}" if distilled else "norm", x, model.norm, b.codes(head.input_quant))
         x = b.reshape(f"{name}.input.flat", x, [-1, dim])
         accs.append(b.linear(name, x, head))
-    output = _logits(b, accs)
+    output = b.logits(accs)
     return b.program(image.name, output, {"input_shape": [ch, *image_size], "classes": model.num_classes})
 
 
 LOWERINGS: dict[type[nn.Module], Callable[[QVit], Program]] = {
     VisionTransformer: lower_vit,
     VisionTransformerDistilled: lower_vit,
+    SwinTransformer: lower_swin,
 }

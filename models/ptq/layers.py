@@ -159,23 +159,24 @@ class QuantLayerNorm(nn.LayerNorm):
 
     def _simulated(self, x: Tensor) -> Tensor | None:
         """The integer LayerNorm's output values, in the float64 run of a quantized model whose reader
-        has a per-tensor uniform grid; None otherwise."""
+        has a uniform grid (per tensor, or per channel: the next LayerNorm's); None otherwise."""
         q, out = self.input_quant, _reader_quantizer(self)
         if x.dtype != torch.float64 or q.state.mode is not QuantMode.QUANT or out is None or not (q.enabled and out.enabled):
             return None
-        if out.scale.dim() or not out.method.learnable_scale:
+        if not out.method.learnable_scale or not out.static_grid:
             return None
-        bt_out = out.spec.bit_type
-        out_zero = out.zero_point_value - bt_out.qmin
-        key = (out.scale_value, out_zero, float(q.scale.double().sum()), float(q.zero_point.double().sum()))
+        bt, bt_out = q.spec.bit_type, out.spec.bit_type
+        key = tuple(float(t.double().sum()) for t in (q.scale, q.zero_point, out.scale, out.zero_point))
         if self._integer_cache is None or self._integer_cache[0] != key:
-            self._integer_cache = (key, self.integer_layernorm(out.scale_value, out_zero, 0, bt_out.qmax - bt_out.qmin))
+            out_scale = out.scale.detach().double().cpu().numpy()
+            out_zero = np.rint(out.zero_point.detach().double().cpu().numpy()) - bt_out.qmin
+            self._integer_cache = (key, self.integer_layernorm(out_scale, out_zero, 0, bt_out.qmax - bt_out.qmin))
         ln = self._integer_cache[1]
         if ln is None:
             return None
-        bt = q.spec.bit_type
         codes = torch.round(x / q.broadcast(q.scale, x).double()) + (q.broadcast(q.zero_point, x).double() - bt.qmin)
-        return (ln(codes.to(torch.int64)) - out_zero).double() * out.scale_value
+        out_zero = out.broadcast(out.zero_point, x).double() - bt_out.qmin
+        return (ln(codes.to(torch.int64)).double() - out_zero) * out.broadcast(out.scale, x).double()
 
     def normalize(self, x: Tensor) -> Tensor:
         """LayerNorm of an input that is already quantized (the residual stream in :class:`QuantBlock`),

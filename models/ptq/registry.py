@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import Mlp
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
@@ -75,6 +75,15 @@ def _mlp(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module
     # The integer GELU's table follows fc2's input grid. Set before the children are converted in
     # place, the link survives their conversion.
     link_reader(module.act, module.fc2)
+    return module
+
+
+@register(SwinTransformer)
+def _swin(module: nn.Module, state: QuantState, recipe: QuantRecipe) -> nn.Module:
+    # The patch embedding's LayerNorm writes the first block's LayerNorm input (stage 0 has no merging).
+    first = module.layers[0]
+    if isinstance(first.downsample, nn.Identity) and not isinstance(module.patch_embed.norm, nn.Identity):
+        link_reader(module.patch_embed.norm, first.blocks[0].norm1)
     return module
 
 

@@ -1,0 +1,51 @@
+"""int_only.onnx: standard operators, integer tensors only, and the same integers as the PyTorch executor."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
+from models.integer.lower import lower
+from models.integer.program import run
+from utils.integer_onnx import float_tensors, write_int_only
+from utils.onnx_export import simplify
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+CASES = {
+    "vit-att8": ("fqvit_w8a8_att8", lambda: make_tiny_vit(), 32),
+    "vit-att4-layerscale-registers": ("fqvit_w8a8_att4", lambda: make_tiny_vit(init_values=0.5, no_embed_class=True, reg_tokens=2), 32),
+    "swin-att8": ("fqvit_w8a8_att8", make_tiny_swin, SWIN_SIZE),
+    "swin-att4": ("fqvit_w8a8_att4", make_tiny_swin, SWIN_SIZE),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_onnx_runtime_gives_the_pytorch_integers_after_simplification(case, tmp_path):
+    recipe, model, size = CASES[case]
+    program = lower(calibrated(recipe, model=model(), size=size))
+    write_int_only(program, tmp_path / "raw.onnx")
+    simplify(tmp_path / "raw.onnx", tmp_path / "int_only.onnx")
+    model_proto = onnx.load(str(tmp_path / "int_only.onnx"))
+    assert float_tensors(model_proto) == []  # the simplifier kept it integer-only
+    assert {n.domain for n in model_proto.graph.node} <= {""}  # standard operators only (no com.microsoft)
+    session = ort.InferenceSession(str(tmp_path / "int_only.onnx"), providers=["CPUExecutionProvider"])
+    x = tiny_images(8, seed=21, size=size)
+    with torch.no_grad():
+        expected = run(program, x)[program.output].numpy()
+    got = session.run(None, {"images": x.numpy()})[0]
+    assert np.array_equal(got, expected)  # the logits' scale is a power of two: equal floats, equal int32 logits
+    assert np.array_equal(session.run(None, {"images": x[:1].numpy()})[0], expected[:1])  # dynamic batch
+
+
+def test_float_tensors_finds_a_float_inside(tmp_path):
+    program = lower(calibrated())
+    model = write_int_only(program, tmp_path / "int_only.onnx")
+    assert float_tensors(model) == []
+    node = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
+    cast = onnx.helper.make_node("Cast", [node.output[0]], ["as_float"], to=onnx.TensorProto.FLOAT)
+    back = onnx.helper.make_node("Cast", ["as_float"], ["back"], to=onnx.TensorProto.INT32)
+    model.graph.node.extend([cast, back])
+    assert "as_float" in float_tensors(model)
