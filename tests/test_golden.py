@@ -35,7 +35,8 @@ def _softmax(x, a):
     v = exp >> a["rsh"]
     total = v.sum(-1, keepdims=True)
     assert a["kind"] == "uniform"
-    return np.clip((v * a["mul"] + total * a["half"]) // (total << a["g"]), 0, a["hi"])
+    n = a["norm"]
+    return np.clip((v * n["mul"] + total * n["half"]) // (total << n["g"]), 0, a["hi"])
 
 
 def _replay(node, inputs, consts):

@@ -19,13 +19,14 @@ CASES = {
     "vit-att4-layerscale-registers": ("fqvit_w8a8_att4", lambda: make_tiny_vit(init_values=0.5, no_embed_class=True, reg_tokens=2), 32),
     "swin-att8": ("fqvit_w8a8_att8", make_tiny_swin, SWIN_SIZE),
     "swin-att4": ("fqvit_w8a8_att4", make_tiny_swin, SWIN_SIZE),
+    "vit-plus-r10": ("fqvit_plus_w8a8_r10", lambda: make_tiny_vit(), 32),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_onnx_runtime_gives_the_pytorch_integers_after_simplification(case, tmp_path):
     recipe, model, size = CASES[case]
-    program = lower(calibrated(recipe, model=model(), size=size))
+    program = lower(calibrated(recipe, model=model(), size=size, integer_gelu=True))
     write_int_only(program, tmp_path / "raw.onnx")
     simplify(tmp_path / "raw.onnx", tmp_path / "int_only.onnx")
     model_proto = onnx.load(str(tmp_path / "int_only.onnx"))

@@ -85,6 +85,19 @@ def test_swin_program_is_the_fake_quant_model_value_by_value(recipe):
                                                     "layers.1.blocks.0", "layers.1.blocks.1", "head"]  # fmt: skip
 
 
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_plus_recipe_features_are_integer_too(arch):
+    """fqvit_plus_w8a8_r10's features: LayerNorm reparameterization and Fisher scale search (weights and
+    scales only), per-channel PTF zero points, a 10-bit residual stream (uint16), PTQ4ViT's twin grids
+    after GELU (two GEMMs) and after the softmax."""
+    model, size = (make_tiny_swin(), SWIN_SIZE) if arch == "swin" else (make_tiny_vit(), 32)
+    program = _check_bit_exact(calibrated("fqvit_plus_w8a8_r10", model=model, size=size, integer_gelu=True), tiny_images(4, seed=9, size=size))
+    kinds = {v.grid.kind for v in program.values.values() if v.grid is not None}
+    assert {"twin_signed", "twin_unsigned"} <= kinds
+    assert any(v.dtype == "uint16" for v in program.values.values())  # the 10-bit stream
+    assert any(n.op == "decode" and n.attrs["kind"] == "twin" for n in program.nodes)
+
+
 def test_distilled_deit_averages_its_two_heads_in_integers():
     torch.manual_seed(0)
     model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()

@@ -240,10 +240,18 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     poly = g.op("Add", [g.op("Mul", [t, t]), g.const(iexp.c, np.int32)])
     e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
     total = g.op("ReduceSum", [e, axes], keepdims=1)
-    if sm.kind == "uniform":
+    if sm.kind in ("uniform", "twin"):
         e64, total64 = g.cast(e, I64), g.cast(total, I64)
-        num = g.op("Add", [g.op("Mul", [e64, g.const(sm.mul)]), g.op("Mul", [total64, g.const(sm.half)])])
-        y = g.op("Div", [num, g.op("Mul", [total64, g.const(2**sm.g)])])
+
+        def normalise(norm) -> str:
+            num = g.op("Add", [g.op("Mul", [e64, g.const(norm.mul)]), g.op("Mul", [total64, g.const(norm.half)])])
+            return g.op("Div", [num, g.op("Mul", [total64, g.const(2**norm.g)])])
+
+        y = normalise(sm.norm)
+        if sm.kind == "twin":
+            fine = normalise(sm.fine)
+            coarse = g.op("Add", [g.op("Clip", [y, g.const(0), g.const(sm.top)]), g.const(sm.top + 1)])
+            y = g.op("Where", [g.op("Greater", [fine, g.const(sm.top)]), coarse, fine])
     else:
         one = 2**LOG2_FRACTION
         t = g.op("Sub", [_log2_fixed(g, g.cast(total, I64)), _log2_fit(g, g.cast(poly, I64), sm.poly_log2)])
@@ -258,6 +266,9 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
 def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     a = node.attrs
     codes = g.cast(ins[0], I32)
+    if a["kind"] == "twin":
+        coarse = g.op("Mul", [g.op("Sub", [codes, g.const(a["top"] + 1, np.int32)]), g.const(2 ** a["shift"], np.int32)])
+        return [g.op("Where", [g.op("Greater", [codes, g.const(a["top"], np.int32)]), coarse, codes])]
     amount = g.op("Max", [g.op("Sub", [g.const(a["top"], np.int32), codes]), g.const(0, np.int32)])
     weights = g.cast(g.op("BitShift", [g.const(1, np.uint32), g.cast(amount, U32)], direction="LEFT"), I32)
     keep = g.cast(g.op("Less", [codes, g.const(a["hi"], np.int32)]), I32)
@@ -267,7 +278,8 @@ def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
 @emitter("lookup")
 def _lookup(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     table = node.consts["table"]
-    return [g.op("Gather", [g.const(table, table.dtype, "table"), ins[0]], axis=0)]
+    index = ins[0] if program.values[node.inputs[0]].dtype == "int32" else g.cast(ins[0], I32)  # Gather reads int32/int64 indices
+    return [g.op("Gather", [g.const(table, table.dtype, "table"), index], axis=0)]
 
 
 @emitter("reshape")

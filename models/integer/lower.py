@@ -28,7 +28,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.integer.builder import Builder, Codes, IntegerUnsupported
+from models.integer.builder import Branch, Builder, Codes, IntegerUnsupported
 from models.integer.lower_swin import lower_swin
 from models.integer.program import Program
 from models.ptq.layers import QuantLayerNorm
@@ -85,12 +85,10 @@ def _quantize_constant(x: torch.Tensor, q) -> np.ndarray:
     return stored.cpu().numpy().astype(np.int64)
 
 
-def _residual(b: Builder, name: str, stream: str, branch: tuple[str, np.ndarray, np.ndarray], gamma: np.ndarray, out: Codes) -> str:
-    """``stream + gamma * branch`` (codes; an int32 accumulator, its scale and bias) onto ``out``: one
-    requant of two terms."""
-    acc, acc_scale, bias = branch
-    m = acc_scale * gamma / out.scale
-    return b.requant(name, [(stream, b.values[stream].grid.scale / out.scale), (acc, m)], bias * m, out)
+def _residual(b: Builder, name: str, stream: str, branch: Branch, gamma: np.ndarray, out: Codes) -> str:
+    """``stream + gamma * branch`` (codes, accumulators) onto ``out``: one requant of every term."""
+    terms, offset = branch.onto(out.scale, gamma)
+    return b.requant(name, [(stream, b.values[stream].grid.scale / out.scale), *terms], offset, out)
 
 
 def _block(b: Builder, prefix: str, blk: nn.Module, stream: str, tokens: int, next_codes: Codes) -> str:
@@ -124,14 +122,14 @@ def lower_vit(qvit: QVit) -> Program:
     patches_n = (image_size[0] // kh) * (image_size[1] // kw)
     patch = b.value("patch_embed.patches", "uint8", 0, b.values[codes].hi, b.values[codes].grid)
     b.emit(patch.name, "im2col", [codes], [patch], {"kernel": [kh, kw]})
-    acc, acc_scale, bias = b.linear("patch_embed.proj", patch.name, pe.proj)
+    proj = b.linear("patch_embed.proj", patch.name, pe.proj)
     # What _pos_embed adds: prefix tokens (class, distillation, registers) and the position embedding.
     embed = model._pos_embed(torch.zeros(1, patches_n, dim, device=pe.proj.weight.device))[0]
     prefix = embed.shape[0] - patches_n
     first = model.norm_pre if isinstance(model.norm_pre, QuantLayerNorm) else model.blocks[0].norm1
     fc = b.codes(first.input_quant)
-    offset = (embed[prefix:].double().cpu().numpy() + bias * acc_scale) / fc.scale
-    tokens = b.requant("embed.patches", [(acc, acc_scale / fc.scale)], offset, fc)
+    terms, offset = proj.onto(fc.scale)
+    tokens = b.requant("embed.patches", terms, offset + embed[prefix:].double().cpu().numpy() / fc.scale, fc)
     stream = tokens
     if prefix:
         constants = _quantize_constant(embed[:prefix], first.input_quant)

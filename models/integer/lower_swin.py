@@ -81,25 +81,29 @@ def _block(b: Builder, prefix: str, blk: nn.Module, stream: str, next_ln: nn.Mod
     x = _windows(b, f"{prefix}.windows", x, h, w, ws, c, qkv.point)
     bias = attn._get_rel_pos_bias()[0].detach().double().cpu().numpy()  # [heads, N, N]
     mask = None if blk.attn_mask is None else blk.attn_mask.detach().double().cpu().numpy()
-    acc, acc_scale, proj_bias = b.attention(f"{prefix}.attn", x, attn, attn.num_heads, ws * ws, bias=bias, mask=mask)
-    acc = _unwindows(b, f"{prefix}.attn.merge", acc, h, w, ws, c)
-    if any(shift):
-        acc = b.roll(f"{prefix}.unshift", acc, [shift[0], shift[1]], [1, 2], [h, w])
-    acc = b.reshape(f"{prefix}.attn.tokens", acc, [-1, h * w, c], grid_kept=False)
+    branch = b.attention(f"{prefix}.attn", x, attn, attn.num_heads, ws * ws, bias=bias, mask=mask)
+
+    def back(acc):  # windows merged, shifted back, as tokens: moves of the accumulator
+        if not isinstance(acc, str):
+            return acc
+        acc = _unwindows(b, f"{acc}.merge", acc, h, w, ws, c)
+        if any(shift):
+            acc = b.roll(f"{acc}.unshift", acc, [shift[0], shift[1]], [1, 2], [h, w])
+        return b.reshape(f"{acc}.tokens", acc, [-1, h * w, c], grid_kept=False)
+
+    branch = branch.map(back)
     tokens = b.reshape(f"{prefix}.tokens", stream, [-1, h * w, c])
     n2 = b.codes(blk.norm2.input_quant)
-    m = acc_scale / n2.scale
-    stream = b.requant(f"{prefix}.norm2.input", [(tokens, b.values[tokens].grid.scale / n2.scale), (acc, m)], proj_bias * m, n2)
+    terms, offset = branch.onto(n2.scale)
+    stream = b.requant(f"{prefix}.norm2.input", [(tokens, b.values[tokens].grid.scale / n2.scale), *terms], offset, n2)
     h2 = b.layernorm(f"{prefix}.norm2", stream, blk.norm2, b.codes(blk.mlp.fc1.input_quant))
-    acc, acc_scale, fc2_bias = b.mlp(f"{prefix}.mlp", h2, blk.mlp)
-    grid = b.values[stream].grid.scale
+    branch = b.mlp(f"{prefix}.mlp", h2, blk.mlp)
     if merge:
         stream = _merged(b, f"{prefix}.output.stream", stream, h, w, c)
-        acc = _merged(b, f"{prefix}.output.branch", acc, h, w, c)
-        grid, acc_scale, fc2_bias = (_merge_channels(v, c) for v in (grid, acc_scale, fc2_bias))
+        branch = branch.map(lambda v: _merged(b, f"{v}.merged", v, h, w, c) if isinstance(v, str) else _merge_channels(v, c))
     nc = b.codes(next_ln.input_quant)
-    m = acc_scale / nc.scale
-    out = b.requant(f"{prefix}.output", [(stream, grid / nc.scale), (acc, m)], fc2_bias * m, nc, layout=False)
+    terms, offset = branch.onto(nc.scale)
+    out = b.requant(f"{prefix}.output", [(stream, b.values[stream].grid.scale / nc.scale), *terms], offset, nc, layout=False)
     shape = [-1, h // 2, w // 2, 4 * c] if merge else [-1, h, w, c]
     return b.reshape(f"{prefix}.output.layout", out, shape, point=nc.point)
 
@@ -108,10 +112,9 @@ def _patch_merging(b: Builder, prefix: str, pm: nn.Module, stream: str, next_ln:
     """LayerNorm over the merged 4C channels onto the reduction's input codes, the reduction, and its
     accumulator onto the next block's norm1 grid."""
     x = b.layernorm(f"{prefix}.norm", stream, pm.norm, b.codes(pm.reduction.input_quant))
-    acc, acc_scale, bias = b.linear(f"{prefix}.reduction", x, pm.reduction)
     nc = b.codes(next_ln.input_quant)
-    m = acc_scale / nc.scale
-    return b.requant(f"{prefix}.output", [(acc, m)], bias * m, nc)
+    terms, offset = b.linear(f"{prefix}.reduction", x, pm.reduction).onto(nc.scale)
+    return b.requant(f"{prefix}.output", terms, offset, nc)
 
 
 def lower_swin(qvit: QVit) -> Program:
@@ -133,10 +136,9 @@ def lower_swin(qvit: QVit) -> Program:
     c = conv.out_channels
     patch = b.value("patch_embed.patches", "uint8", 0, b.values[codes].hi, b.values[codes].grid)
     b.emit(patch.name, "im2col", [codes], [patch], {"kernel": [kh, kw]})
-    acc, acc_scale, bias = b.linear("patch_embed.proj", patch.name, conv)
     pc = b.codes(pe.norm.input_quant)
-    m = acc_scale / pc.scale
-    x = b.requant("patch_embed.norm.input", [(acc, m)], bias * m, pc, layout=False)
+    terms, offset = b.linear("patch_embed.proj", patch.name, conv).onto(pc.scale)
+    x = b.requant("patch_embed.norm.input", terms, offset, pc, layout=False)
     x = b.reshape("patch_embed.norm.input.layout", x, [-1, gh, gw, c], point=pc.point)
     sequence = qvit.block_sequence()
     first = sequence[0][1]
@@ -160,6 +162,5 @@ def lower_swin(qvit: QVit) -> Program:
     total = b.value("head.pool", "int32", -limit * h * w, limit * h * w, fine.grid)
     b.emit(total.name, "sum", [x], [total], {"axes": [1, 2], "keepdims": 0})
     x = b.requant("head.fc.input", [(total.name, np.asarray(float(fine.scale) / (h * w) / float(hc.scale)))], 0.0, hc)
-    acc, acc_scale, bias = b.linear("head.fc", x, fc)
-    output = b.logits([(acc, acc_scale, bias)])
+    output = b.logits([b.linear("head.fc", x, fc)])
     return b.program(image.name, output, {"input_shape": [conv.in_channels, *pe.img_size], "classes": model.num_classes})

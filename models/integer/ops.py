@@ -14,7 +14,7 @@ arithmetic, its rounding and its error bounds are in the modules named below; wh
 ``layernorm``     :mod:`~models.integer.layernorm`;
 ``softmax``       :mod:`~models.integer.softmax` on ``scores + mask`` (rows: the last axis);
 ``decode``        log2 attention codes into integer weights ``2^(top - code)`` (0 for the zero code), so
-                  that attention x V is a sum of shifted values;
+                  that attention x V is a sum of shifted values; twin codes into weights on the fine step;
 ``lookup``        ``table[x]``: GELU's table, whose entries are fc2's input codes (:mod:`~models.integer.gelu`);
 ``reshape``, ``transpose``, ``roll``, ``slice``, ``concat_const`` (constant tokens in front), ``sum``
                   move or add integers (ONNX semantics: a 0 in ``reshape`` copies the input's size);
@@ -98,6 +98,8 @@ def _softmax(node: Node, inputs: list[Tensor], c: dict[str, Tensor]) -> list[Ten
 def _decode(node: Node, inputs: list[Tensor], c: dict[str, Tensor]) -> list[Tensor]:
     a = node.attrs
     codes = inputs[0].to(torch.int64)
+    if a["kind"] == "twin":  # fine codes as they are, coarse ones times 2^shift
+        return [torch.where(codes > a["top"], torch.bitwise_left_shift(codes - a["top"] - 1, a["shift"]), codes)]
     weights = torch.bitwise_left_shift(torch.ones_like(codes), (a["top"] - codes).clamp_(min=0))
     return [weights.masked_fill_(codes >= a["hi"], 0)]
 

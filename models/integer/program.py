@@ -34,20 +34,29 @@ INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int
 
 @dataclass
 class Grid:
-    """What a value's integers mean. ``uniform``: ``(code - zero) * scale``, both per channel (the last
-    axis) or scalars; ``log2``: ``scale * 2^-code``, the largest code meaning 0."""
+    """What a value's integers mean. ``uniform`` (and ``fixed``): ``(code - zero) * scale``, both per
+    channel (the last axis) or scalars; ``log2``: ``scale * 2^-code``, the code ``zero`` meaning 0;
+    ``twin_signed`` (PTQ4ViT's post-GELU grid): ``(code - zero)`` times ``scale`` at or above ``zero``,
+    times ``fine`` below; ``twin_unsigned`` (its post-softmax grid): ``code * fine`` below ``zero``,
+    ``(code - zero) * scale`` from it."""
 
     kind: str
     scale: np.ndarray
     zero: np.ndarray
+    fine: np.ndarray | None = None
 
     def dequantize(self, codes: Tensor) -> Tensor:
-        scale = torch.as_tensor(self.scale, dtype=torch.float64, device=codes.device)
+        dev = codes.device
+        scale = torch.as_tensor(self.scale, dtype=torch.float64, device=dev)
+        zero = torch.as_tensor(self.zero, dtype=torch.float64, device=dev)
+        c = codes.to(torch.float64)
         if self.kind == "log2":
-            c = codes.to(torch.float64)
-            return torch.where(c >= float(self.zero), 0.0, scale * torch.exp2(-c)).float()
-        zero = torch.as_tensor(self.zero, dtype=torch.float64, device=codes.device)
-        return ((codes.to(torch.float64) - zero) * scale).float()
+            return torch.where(c >= zero, 0.0, scale * torch.exp2(-c)).float()
+        if self.kind.startswith("twin"):
+            fine = torch.as_tensor(self.fine, dtype=torch.float64, device=dev)
+            low = (c - zero) * fine if self.kind == "twin_signed" else c * fine
+            return torch.where(c >= zero, (c - zero) * scale, low).float()
+        return ((c - zero) * scale).float()
 
 
 @dataclass

@@ -25,6 +25,7 @@ value ``exp_int(0)``), ``sum`` is the row's sum of ``e`` (int32 for rows below 2
 * Uniform codes (scale ``s_a``, stored zero point ``z_a``): ``code = floor((e * M + sum * H) / (sum *
   2^g))`` with ``M = rint(2^g / s_a)``, ``H = rint((z_a + 1/2) 2^g)``: round half up of ``e / sum / s_a
   + z_a`` up to ``e``'s 15 bits and ``M``'s rounding (relative ``2^-(g+1) s_a``), clamped to the grid.
+  PTQ4ViT's unsigned twin grid is two such normalisations, onto its fine and its coarse step.
 * log2 codes (FQ-ViT's LIS; scale ``2^ea``, ``2^bits - 1`` meaning 0): ``code = floor(t + 1/2)`` with
   ``t = -log2(p / 2^ea) = log2(sum) + rsh + z - log2(poly) + ea`` (``exp_int ~= poly / 2^z``), each log2
   in 16 fractional bits from a cubic fitted on the one octave its argument spans (error below
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from models.integer.isqrt import bit_length
 
-__all__ = ["IEXP_COEFFS", "IEXP_MAX_ABS_ERROR", "IEXP_MAX_REL_ERROR", "LOG2_FRACTION", "LOG2_MAX_ERROR", "IExp", "IntSoftmax", "Log2Fit"]
+__all__ = ["IEXP_COEFFS", "IEXP_MAX_ABS_ERROR", "IEXP_MAX_REL_ERROR", "LOG2_FRACTION", "LOG2_MAX_ERROR", "IExp", "IntSoftmax", "Log2Fit", "Normaliser"]
 
 IEXP_COEFFS = (0.3585, 1.353, 0.344)  # a, b, c of I-BERT's exp approximation on (-ln2, 0]
 # Error bounds of the i-exp on any score grid, checked by the tests (measured: 0.0022 and 0.45%):
@@ -131,21 +132,40 @@ def log2_fixed(v: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Normaliser:
+    """``floor((e * mul + sum * half) / (sum * 2^g))``: round half up of ``e / sum / step + zero``."""
+
+    mul: int
+    half: int
+    g: int
+
+    @classmethod
+    def onto(cls, step: float, zero: int = 0) -> "Normaliser":
+        # 2^g / step below 2^15 (e * mul < 2^30), and (zero + 1/2) 2^g an integer.
+        g = max(1, 14 - math.floor(math.log2(1.0 / step)))
+        return cls(int(round(2.0**g / step)), (2 * zero + 1) << (g - 1), g)
+
+    def __call__(self, e: Tensor, total: Tensor) -> Tensor:
+        return torch.div(e * self.mul + total * self.half, total * 2**self.g, rounding_mode="floor")
+
+
+@dataclass(frozen=True)
 class IntSoftmax:
     """The integer softmax of one attention: i-exp of its scores, normalised to its output grid.
 
-    ``kind`` is ``uniform`` (codes ``0 .. hi``, stored zero point ``zero``) or ``log2`` (codes ``0 ..
-    hi``, ``hi`` meaning 0; scale ``2^exponent``).
+    ``kind`` is ``uniform`` (codes ``0 .. hi``, stored zero point in ``norm``), ``log2`` (codes ``0 ..
+    hi``, ``hi`` meaning 0; scale ``2^exponent``) or ``twin`` (PTQ4ViT's unsigned twin grid: codes ``0
+    .. top`` on the fine step, ``top + 1 + k`` for ``k`` on the coarse step; ``fine`` normalises onto
+    the fine step, ``norm`` onto the coarse one).
     """
 
     iexp: IExp
     rsh: int
     kind: str
     hi: int
-    # uniform
-    mul: int = 0
-    half: int = 0
-    g: int = 0
+    norm: Normaliser | None = None
+    fine: Normaliser | None = None
+    top: int = 0
     # log2
     exponent: int = 0
     poly_log2: Log2Fit | None = None
@@ -153,10 +173,15 @@ class IntSoftmax:
     @classmethod
     def uniform(cls, score_scale: float, out_scale: float, zero: int, hi: int) -> "IntSoftmax":
         iexp = IExp.for_scale(score_scale)
+        return cls(iexp, max(0, iexp.peak.bit_length() - NORM_BITS), "uniform", hi, norm=Normaliser.onto(out_scale, zero))
+
+    @classmethod
+    def twin(cls, score_scale: float, coarse: float, fine: float, top: int) -> "IntSoftmax":
+        """Codes ``f`` (``f <= top``, the fine step) or ``top + 1 + k`` (``k <= top``, the coarse step):
+        the fine code where it fits, as the twin grid rounds (models/ptq/quantizers.py)."""
+        iexp = IExp.for_scale(score_scale)
         rsh = max(0, iexp.peak.bit_length() - NORM_BITS)
-        # 2^g / s_a below 2^15 (e * M < 2^30: int32), and (zero + 1/2) 2^g an integer.
-        g = max(1, 14 - math.floor(math.log2(1.0 / out_scale)))
-        return cls(iexp, rsh, "uniform", hi, mul=int(round(2.0**g / out_scale)), half=(2 * zero + 1) << (g - 1), g=g)
+        return cls(iexp, rsh, "twin", 2 * top + 1, norm=Normaliser.onto(coarse), fine=Normaliser.onto(fine), top=top)
 
     @classmethod
     def log2(cls, score_scale: float, exponent: int, hi: int) -> "IntSoftmax":
@@ -171,8 +196,10 @@ class IntSoftmax:
         e = torch.bitwise_right_shift(exp_int, self.rsh)
         total = e.sum(dim=-1, keepdim=True)
         if self.kind == "uniform":
-            num = e * self.mul + total * self.half
-            return torch.div(num, total * 2**self.g, rounding_mode="floor").clamp_(0, self.hi)
+            return self.norm(e, total).clamp_(0, self.hi)
+        if self.kind == "twin":
+            fine = self.fine(e, total)
+            return torch.where(fine <= self.top, fine, self.top + 1 + self.norm(e, total).clamp_(0, self.top))
         one = 2**LOG2_FRACTION
         t = log2_fixed(total) - self.poly_log2(poly) + (z + self.rsh + self.exponent) * one
         return torch.bitwise_right_shift(t + one // 2, LOG2_FRACTION).clamp_(0, self.hi)

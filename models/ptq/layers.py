@@ -280,7 +280,7 @@ class QuantSoftmax(nn.Softmax):
 
     def integer_softmax(self) -> IntSoftmax | None:
         """The integer softmax for the calibrated score and attention grids; None when the attention grid
-        has no integer normalisation here (twin-uniform, log-sqrt2: their probabilities stay float)."""
+        has no integer normalisation here (log-sqrt2: its probabilities stay float)."""
         out = self.output_quant
         key = (self.input_quant.scale_value, out.scale_value, out.zero_point_value)
         if self._program is None or self._program[0] != key:
@@ -290,6 +290,8 @@ class QuantSoftmax(nn.Softmax):
                 program = IntSoftmax.log2(key[0], round(math.log2(key[1])), method.max_code(bt) + 1)
             elif method.learnable_scale:  # a uniform grid, (code - zero) * scale
                 program = IntSoftmax.uniform(key[0], key[1], round(key[2]) - bt.qmin, bt.qmax - bt.qmin)
+            elif method.twin_regions and not bt.symmetric:  # PTQ4ViT's post-softmax twin grid
+                program = IntSoftmax.twin(key[0], key[1], float(method.fine_step(key[1], key[2])), method.region_top(bt))
             else:
                 program = None
             self._program = (key, program)
@@ -322,6 +324,9 @@ class QuantSoftmax(nn.Softmax):
         out = self.output_quant
         if program.kind == "log2":
             return torch.where(codes >= program.hi, 0.0, out.scale_value * torch.exp2(-codes.double()))
+        if program.kind == "twin":
+            fine = float(out.method.fine_step(out.scale_value, out.zero_point_value))
+            return torch.where(codes > program.top, (codes - program.top - 1).double() * out.scale_value, codes.double() * fine)
         return (codes - (out.zero_point_value - out.spec.bit_type.qmin)).double() * out.scale_value
 
 

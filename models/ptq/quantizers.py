@@ -56,6 +56,7 @@ class QuantMethod:
     qdq_exportable = False  # ONNX QuantizeLinear/DequantizeLinear express it exactly (8-bit uniform)
     learnable_rounding = False  # levels (q - zp) * s with integer q: a weight may round down or up by a learned choice
     learnable_scale = False  # (clamp(round(x / s) + zp, qmin, qmax) - zp) * s: s can learn through straight-through rounding (LSQ)
+    twin_regions = False  # two uniform grids, s and s * 2^-m (m in the zero-point slot), chosen by the code
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -154,6 +155,7 @@ class LogSqrt2Quantizer(Log2Quantizer):
 
 class TwinUniformQuantizer(QuantMethod):
     name = "twin_uniform"
+    twin_regions = True
     MAX_SHIFT = 24  # |m| bound: a tensor with no negative values gets the finest negative step
     # Unsigned form: the fine region's step is 2^-m of the coarse one. On the held-out calibration images
     # (DeiT-tiny, fqvit_plus_w8a8's attention map) m = 3, 4, 5, 6 gave logit cosines within 0.0002 of each
