@@ -148,13 +148,13 @@ def _requant(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     for i, x in enumerate(ins):
         term = g.op("Mul", [g.cast(x, I64), g.const(c[f"m{i}"])])
         acc = term if acc is None else g.op("Add", [acc, term])
-    if lo == 0:  # clamp first: the division then floors a non-negative number
-        acc = g.op("Add", [acc, g.const(c["r"])])
-        acc = g.op("Clip", [acc, g.const(0), g.const((hi + 1) * 2**sh - 1)])
-        y = g.op("Div", [acc, g.const(2**sh)])
+    acc = g.op("Add", [acc, g.const(c["r"])])  # below 2^62 in magnitude (the lowering's bound)
+    if lo >= 0 and sh >= 31:
+        # Truncation and floor differ only below 0, which the clamp maps to lo >= 0 either way; the
+        # quotient is below 2^31, so the clamp runs in int32.
+        y = g.op("Clip", [g.cast(g.op("Div", [acc, g.const(2**sh)]), I32), g.const(lo, np.int32), g.const(hi, np.int32)])
     else:
-        y = g.floor_div(g.op("Add", [acc, g.const(c["r"])]), 2**sh, nonnegative=False)
-        y = g.op("Clip", [y, g.const(lo), g.const(hi)])
+        y = g.op("Clip", [g.floor_div(acc, 2**sh, nonnegative=False), g.const(lo), g.const(hi)])
     return [g.cast(y, _out_type(program, node))]
 
 
@@ -177,14 +177,16 @@ def _isqrt(g: _Graph, d: str) -> str:
 def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     ln = node.attrs["layernorm"]
     axes = g.const([-1])
-    x = g.op("Sub", [g.cast(ins[0], I64), g.const(ln.zero)])
-    x = g.op("Mul", [x, g.const(np.left_shift(np.int64(1), ln.shift))])
+    # X_c and its sum fit int32 (|X| < 2^17, C < 2^13); the sum of squares and the numerator need int64.
+    x = g.op("Sub", [g.cast(ins[0], I32), g.const(ln.zero, np.int32)])
+    x = g.op("Mul", [x, g.const(np.left_shift(np.int64(1), ln.shift), np.int32)])
     s = g.op("ReduceSum", [x, axes], keepdims=1)
-    q = g.op("ReduceSum", [g.op("Mul", [x, x]), axes], keepdims=1)
-    d = g.op("Add", [g.op("Sub", [g.op("Mul", [q, g.const(ln.channels)]), g.op("Mul", [s, s])]), g.const(ln.eps)])
+    q = g.op("ReduceSumSquare", [g.cast(x, I64)], axes=[-1], keepdims=1)
+    s64 = g.cast(s, I64)
+    d = g.op("Add", [g.op("Sub", [g.op("Mul", [q, g.const(ln.channels)]), g.op("Mul", [s64, s64])]), g.const(ln.eps)])
     sigma = g.op("Max", [_isqrt(g, g.op("Mul", [d, g.const(4**ln.f)])), g.const(1)])
-    num = g.op("Mul", [g.op("Sub", [g.op("Mul", [x, g.const(ln.channels)]), s]), g.const(ln.gain)])
-    num = g.op("Add", [num, g.op("Mul", [g.const(ln.offset), sigma])])
+    centred = g.cast(g.op("Sub", [g.op("Mul", [x, g.const(ln.channels, np.int32)]), s]), I64)
+    num = g.op("Add", [g.op("Mul", [centred, g.const(ln.gain)]), g.op("Mul", [g.const(ln.offset), sigma])])
     den = g.op("Mul", [sigma, g.const(2**ln.g)])
     if ln.lo >= 0:  # truncation and floor differ only below 0, which the clamp maps to lo either way
         y = g.op("Div", [num, den])
@@ -241,11 +243,15 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
     total = g.op("ReduceSum", [e, axes], keepdims=1)
     if sm.kind in ("uniform", "twin"):
-        e64, total64 = g.cast(e, I64), g.cast(total, I64)
+        tokens = node.attrs["tokens"]
 
         def normalise(norm) -> str:
-            num = g.op("Add", [g.op("Mul", [e64, g.const(norm.mul)]), g.op("Mul", [total64, g.const(norm.half)])])
-            return g.op("Div", [num, g.op("Mul", [total64, g.const(2**norm.g)])])
+            # int32 where e * mul + sum * half and sum * 2^g stay below 2^31 (rows of a few hundred tokens)
+            big = 2**15 * norm.mul + tokens * 2**15 * norm.half >= 2**31 or tokens * 2**15 * 2**norm.g >= 2**31
+            kind, dtype = (I64, np.int64) if big else (I32, np.int32)
+            e_, total_ = g.cast(e, kind), g.cast(total, kind)
+            num = g.op("Add", [g.op("Mul", [e_, g.const(norm.mul, dtype)]), g.op("Mul", [total_, g.const(norm.half, dtype)])])
+            return g.cast(g.op("Div", [num, g.op("Mul", [total_, g.const(2**norm.g, dtype)])]), I64)
 
         y = normalise(sm.norm)
         if sm.kind == "twin":

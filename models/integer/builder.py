@@ -349,7 +349,7 @@ class Builder:
         if program is None:
             raise IntegerUnsupported(f"{point_name(self.path(softmax.output_quant))}: this attention grid has no integer softmax here")
         ac = self.codes(softmax.output_quant)
-        attrs, consts = {"softmax": program}, {}
+        attrs, consts = {"softmax": program, "tokens": tokens}, {}
         if mask is not None:
             attrs["heads"] = heads
             consts["mask"] = np.rint(mask / float(sc.scale)).astype(np.int64)
