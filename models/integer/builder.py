@@ -293,13 +293,12 @@ class Builder:
         return self.emit(name, "layernorm", [x], [value], {"layernorm": ln})[0]
 
     def logits(self, heads: list[Branch]) -> str:
-        """The mean of the heads' branches as int32 logits on one power-of-two step, whose largest
-        possible value stays below 2^30, then float: the program's output."""
+        """The mean of the heads' branches as int32 logits on one power-of-two step, the finest whose
+        largest possible value stays below 2^30, then float: the program's output."""
         weight = 1.0 / len(heads)
-        finest = min(float(np.min(s)) for h in heads for _, s in h.terms)
         reach = sum(_bound(self.values[a]) * float(np.max(s)) * weight for h in heads for a, s in h.terms)
         reach += sum(float(np.abs(h.bias).max()) * weight for h in heads)
-        step = 2.0 ** max(math.floor(math.log2(finest)), math.ceil(math.log2(max(reach, 1e-30))) - 30)
+        step = 2.0 ** (math.ceil(math.log2(max(reach, 1e-30))) - 30)
         terms, offset = [], 0.0
         for h in heads:
             t, o = h.onto(step, weight)
