@@ -9,8 +9,8 @@ same integers as ``int_only.onnx``) and writes into a folder:
   constants); each tensor's element type, shape and, where it has one, its grid (``uniform``:
   ``real = (code - zero) * scale``; ``log2``: ``real = scale * 2^-code``, the top code 0) and the
   fake-quant point it realizes; the operations' formulas are in docs/integer.md;
-* ``tensors.npz`` - every tensor, keyed by its name (the float images under ``images``, the int32
-  logits under the requant node ``logits``), stored in its element type;
+* ``tensors.npz`` - every tensor, keyed by its name (the float images under ``image``, the int32
+  logits under ``logits``, their float form under ``logits.float``), stored in its element type;
 * ``constants.npz`` - every node's constants, keyed ``<node>/<constant>`` (weights int8 ``[K, N]``,
   multipliers and offsets int64, tables uint8, the LayerNorm's per-channel integers, ...).
 
