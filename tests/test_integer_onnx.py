@@ -8,6 +8,8 @@ import torch
 from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
 from models.integer.lower import lower
 from models.integer.program import run
+from models.integer.softmax import IntSoftmax
+from utils import integer_onnx
 from utils.integer_onnx import float_tensors, write_int_only
 from utils.onnx_export import simplify
 
@@ -50,3 +52,47 @@ def test_float_tensors_finds_a_float_inside(tmp_path):
     back = onnx.helper.make_node("Cast", ["as_float"], ["back"], to=onnx.TensorProto.INT32)
     model.graph.node.extend([cast, back])
     assert "as_float" in float_tensors(model)
+
+
+@pytest.mark.parametrize("case", ["vit-att8", "swin-att4", "vit-plus-r10"])
+def test_softmax_tables_and_arithmetic_give_the_same_integers(case, monkeypatch):
+    """The i-exp as a table on the scores (the default) and computed op by op (finer score grids)."""
+    recipe, model, size = CASES[case]
+    program = lower(calibrated(recipe, model=model(), size=size, integer_gelu=True))
+    x = tiny_images(4, seed=5, size=size)
+    with torch.no_grad():
+        expected = run(program, x)[program.output].numpy()
+    gathers, default = {}, integer_onnx.EXP_TABLE_MAX
+    for limit in (default, 0):
+        monkeypatch.setattr(integer_onnx, "EXP_TABLE_MAX", limit)
+        model_proto = integer_onnx.to_onnx(program)
+        gathers[limit] = sum(n.op_type == "GatherElements" for n in model_proto.graph.node)
+        session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert np.array_equal(session.run(None, {"images": x.numpy()})[0], expected)
+    softmaxes = sum(n.op == "softmax" for n in program.nodes)
+    assert gathers[default] >= gathers[0] + softmaxes  # the tables were used
+
+
+@pytest.mark.parametrize("scale", [0.003, 0.02, 0.16, 0.31, 1.7])
+def test_exp_span_is_where_the_iexp_stops_changing(scale):
+    sm = IntSoftmax.uniform(scale, 1 / 255, 0, 255)
+    span = integer_onnx._exp_span(sm)
+    exp_int, _, _ = sm.iexp(torch.arange(-span - 300, 1, dtype=torch.int64))
+    assert torch.all(exp_int[:301] == exp_int[300])  # constant at and below -span
+    assert exp_int[299 + 1] != exp_int[-1]
+
+
+@pytest.mark.parametrize("limit,path", [(2**31, "Mul"), (2**23, "Reshape"), (1, "Cast")], ids=["int32", "runs", "int64"])
+def test_layernorm_sums_of_squares_in_int32_runs_or_int64_give_the_same_integers(limit, path, monkeypatch):
+    monkeypatch.setattr(integer_onnx, "INT32_SUMS", limit)
+    program = lower(calibrated("fqvit_plus_w8a8_r10", integer_gelu=True))
+    x = tiny_images(4, seed=6)
+    with torch.no_grad():
+        expected = run(program, x)[program.output].numpy()
+    model_proto = integer_onnx.to_onnx(program)
+    squares = [n for n in model_proto.graph.node if n.op_type == "ReduceSumSquare"]
+    assert len(squares) == sum(n.op == "layernorm" for n in program.nodes)
+    producer = {out: n.op_type for n in model_proto.graph.node for out in n.output}
+    assert {producer[n.input[0]] for n in squares} == {path}  # X itself (int32), its runs, or its int64 cast
+    session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"images": x.numpy()})[0], expected)

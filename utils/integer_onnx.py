@@ -2,20 +2,20 @@
 
 Each operation of a :class:`~models.integer.program.Program` becomes standard ONNX operators (no
 ``com.microsoft`` ones, so TVM and hardware compilers read it): ``MatMulInteger`` for every GEMM of
-8-bit codes, ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``Gather`` for GELU's table,
-and elementwise
-``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Min``/``Where`` on int32 and int64
-tensors for the rest. Between the one ``QuantizeLinear`` of the float image and the one
-``DequantizeLinear`` of the int32 logits every tensor is an integer type (:func:`float_tensors` checks
-it with ONNX shape inference).
+8-bit codes, ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``GatherElements``
+for tables, and elementwise ``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Where`` on
+int32 and int64 tensors for the rest. Between the one ``QuantizeLinear`` of the float image and the
+one ``DequantizeLinear`` of the int32 logits every tensor is an integer type (:func:`float_tensors`
+checks it with ONNX shape inference).
 
-Every emitter repeats its operation's integer arithmetic step for step (:mod:`models.integer.ops`),
-with the same rounding: a floor division by a power of two is a ``Div`` of a non-negative integer
-(the value is first clamped, or offset, to be non-negative; ONNX's integer ``Div`` truncates), or
-``(a - Mod(a, 2^k)) / 2^k`` where the value can be negative (``Mod`` with ``fmod = 0`` follows the
-divisor's sign). So ONNX Runtime and the PyTorch executor give the same integers, which the tests check
-value by value. int64 holds what the PyTorch executor holds in int64: the LayerNorm's sums of squares and
-``isqrt``, the requantizations' products and the fixed-point log2 of the log-int-softmax.
+Every emitter computes its operation's integers exactly (:mod:`models.integer.ops`), with the same
+rounding, so ONNX Runtime and the PyTorch executor agree value by value (the tests check it). Floor
+divisions by a power of two are unsigned ``BitShift``s of values first offset to be non-negative (a
+requantization folds the offset into its ``R``), or ``Div``s of non-negative values (ONNX's integer
+``Div`` truncates); the i-exp of 8-bit scores is a table of the program's own values. int64 holds what
+the PyTorch executor holds in int64 (the requantizations' products, the LayerNorm's numerator, sums
+of squares and ``isqrt``, the log2 of the log-int-softmax) unless a bound from the operands' ranges
+shows int32 suffices; ONNX Runtime's int64 reductions and divisions are several times slower.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from models.integer.isqrt import BIT_SEARCH, NEWTON_STEPS
@@ -38,6 +39,8 @@ INPUT, OUTPUT = "images", "logits"
 TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "uint16": TensorProto.UINT16, "int16": TensorProto.INT16,
          "int32": TensorProto.INT32, "int64": TensorProto.INT64, "float32": TensorProto.FLOAT}  # fmt: skip
 I32, I64, U64, U32 = TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.UINT32
+EXP_TABLE_MAX = 2**16  # i-exp tables up to this many entries; finer score grids compute it elementwise
+INT32_SUMS = 2**31  # sums bounded below this are taken in int32
 
 
 class _Graph:
@@ -48,6 +51,7 @@ class _Graph:
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
         self._consts: dict[tuple, str] = {}
+        self._int32: dict[str, str] = {}  # a narrowed tensor -> the int32 tensor it was cast from
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -68,13 +72,39 @@ class _Graph:
         return out
 
     def cast(self, x: str, to: int) -> str:
+        if to == I32 and x in self._int32:  # the same values, already int32: no round trip
+            return self._int32[x]
         return self.op("Cast", [x], to=to)
 
-    def floor_div(self, x: str, divisor: int, nonnegative: bool) -> str:
-        """``floor(x / divisor)`` of an integer tensor (``divisor > 0``)."""
+    def narrow(self, x: str, to: int) -> str:
+        """Cast the int32 tensor ``x`` (its values in range) to ``to``; a later cast back to int32 reads ``x``."""
+        if to == I32:
+            return x
+        y = self.op("Cast", [x], to=to)
+        self._int32[y] = x
+        return y
+
+    def lookup(self, table: np.ndarray, index: str) -> str:
+        """``table[index]`` for an int32 or int64 index tensor of any shape. GatherElements on the
+        flattened indices, not Gather: ONNX Runtime's Gather copies element by element (~16x slower
+        on fc1's output); the values are the same."""
+        flat = self.op("Reshape", [index, self.const([-1])])
+        picked = self.op("GatherElements", [self.const(table, table.dtype, "table"), flat], axis=0)
+        return self.op("Reshape", [picked, self.op("Shape", [index])])
+
+    def prune(self) -> None:
+        """Drop the nodes and constants nothing reads (casts that :meth:`narrow` made redundant)."""
+        used, kept = {OUTPUT}, []
+        for node in reversed(self.nodes):
+            if any(out in used for out in node.output):
+                kept.append(node)
+                used.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = [t for t in self.initializers if t.name in used]
+
+    def floor_div(self, x: str, divisor: int) -> str:
+        """``floor(x / divisor)`` of a signed integer tensor (``divisor > 0``; ONNX's ``Div`` truncates)."""
         d = self.const(divisor)
-        if nonnegative:
-            return self.op("Div", [x, d])
         return self.op("Div", [self.op("Sub", [x, self.op("Mod", [x, d], fmod=0)]), d])
 
     def shift_left(self, x: str, shift: str) -> str:
@@ -144,18 +174,29 @@ def _matmul(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
 def _requant(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     a, c = node.attrs, node.consts
     sh, lo, hi = a["shift"], a["lo"], a["hi"]
+    # The sum's range from the inputs' bounds (each |M x| and their sum stay below 2^61, the lowering's bound).
+    low = high = np.asarray(c["r"], np.int64)
+    for i, x in enumerate(node.inputs):
+        v, m = program.values[x], np.asarray(c[f"m{i}"], np.int64)
+        low = low + np.minimum(m * int(v.lo), m * int(v.hi))
+        high = high + np.maximum(m * int(v.lo), m * int(v.hi))
+    # floor(sum / 2^sh) as a logical shift of sum + k 2^sh >= 0 (k folded into R), minus k: ONNX's
+    # BitShift is unsigned only, and ONNX Runtime's int64 Div of such sums is several times slower.
+    k = max(0, -(int(low.min()) >> sh))
+    if int(high.max()) + (k << sh) >= 2**63:
+        raise OverflowError(f"{node.name}: the offset sum leaves int64")
     acc = None
     for i, x in enumerate(ins):
         term = g.op("Mul", [g.cast(x, I64), g.const(c[f"m{i}"])])
         acc = term if acc is None else g.op("Add", [acc, term])
-    acc = g.op("Add", [acc, g.const(c["r"])])  # below 2^62 in magnitude (the lowering's bound)
-    if lo >= 0 and sh >= 31:
-        # Truncation and floor differ only below 0, which the clamp maps to lo >= 0 either way; the
-        # quotient is below 2^31, so the clamp runs in int32.
-        y = g.op("Clip", [g.cast(g.op("Div", [acc, g.const(2**sh)]), I32), g.const(lo, np.int32), g.const(hi, np.int32)])
-    else:
-        y = g.op("Clip", [g.floor_div(acc, 2**sh, nonnegative=False), g.const(lo), g.const(hi)])
-    return [g.cast(y, _out_type(program, node))]
+    acc = g.op("Add", [acc, g.const(np.asarray(c["r"], np.int64) + (k << sh))])
+    shifted = g.op("BitShift", [g.cast(acc, U64), g.const(sh, np.uint64)], direction="RIGHT")  # y + k
+    narrow = max((int(high.max()) >> sh) + k, hi + k) < 2**31 and lo + k >= -(2**31)
+    kind, dtype = (I32, np.int32) if narrow else (I64, np.int64)
+    y = g.op("Clip", [g.cast(shifted, kind), g.const(lo + k, dtype), g.const(hi + k, dtype)])
+    if k:
+        y = g.op("Sub", [y, g.const(k, dtype)])
+    return [g.narrow(y, _out_type(program, node)) if narrow else g.cast(y, _out_type(program, node))]
 
 
 def _isqrt(g: _Graph, d: str) -> str:
@@ -173,6 +214,24 @@ def _isqrt(g: _Graph, d: str) -> str:
     return g.op("Sub", [x, too_big])
 
 
+def _sum_of_squares(g: _Graph, x: str, ln, codes) -> str:
+    """``Q = sum_c X_c^2`` (int64, keepdims) of the int32 ``X``: summed in int32 over the longest runs of
+    channels whose bound (from the input codes' range) stays below :data:`INT32_SUMS`, then the runs in
+    int64; ONNX Runtime's int64 reductions are ~8x slower."""
+    c = ln.channels
+    top = np.maximum(np.abs(codes.lo - ln.zero), np.abs(codes.hi - ln.zero)).astype(np.int64) << ln.shift
+    square = [int(t) ** 2 for t in top]
+    run = next((k for k in range(c, 0, -1) if c % k == 0 and max(sum(square[i : i + k]) for i in range(0, c, k)) < INT32_SUMS), 0)
+    if run == 0:
+        return g.op("ReduceSumSquare", [g.cast(x, I64)], axes=[-1], keepdims=1)
+    if run == c:
+        return g.cast(g.op("ReduceSumSquare", [x], axes=[-1], keepdims=1), I64)
+    lead = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([-1]), g.const([0])])
+    runs = g.op("Reshape", [x, g.op("Concat", [lead, g.const([c // run, run])], axis=0)])
+    partial = g.op("ReduceSumSquare", [runs], axes=[-1], keepdims=0)
+    return g.op("ReduceSum", [g.cast(partial, I64), g.const([-1])], keepdims=1)
+
+
 @emitter("layernorm")
 def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     ln = node.attrs["layernorm"]
@@ -181,7 +240,7 @@ def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[
     x = g.op("Sub", [g.cast(ins[0], I32), g.const(ln.zero, np.int32)])
     x = g.op("Mul", [x, g.const(np.left_shift(np.int64(1), ln.shift), np.int32)])
     s = g.op("ReduceSum", [x, axes], keepdims=1)
-    q = g.op("ReduceSumSquare", [g.cast(x, I64)], axes=[-1], keepdims=1)
+    q = _sum_of_squares(g, x, ln, program.values[node.inputs[0]])
     s64 = g.cast(s, I64)
     d = g.op("Add", [g.op("Sub", [g.op("Mul", [q, g.const(ln.channels)]), g.op("Mul", [s64, s64])]), g.const(ln.eps)])
     sigma = g.op("Max", [_isqrt(g, g.op("Mul", [d, g.const(4**ln.f)])), g.const(1)])
@@ -201,7 +260,7 @@ def _log2_fit(g: _Graph, v: str, fit: Log2Fit) -> str:
     w = g.op("Sub", [g.op("Div", [v, g.const(2**fit.shift)]), g.const(fit.base)])
     p = g.op("Add", [g.op("Mul", [w, g.const(0)]), g.const(fit.coeffs[0])])
     for ck in fit.coeffs[1:]:
-        p = g.op("Add", [g.floor_div(g.op("Mul", [p, w]), 2**16, nonnegative=False), g.const(ck)])
+        p = g.op("Add", [g.floor_div(g.op("Mul", [p, w]), 2**16), g.const(ck)])
     return p
 
 
@@ -218,6 +277,26 @@ def _log2_fixed(g: _Graph, v: str) -> str:
     return g.op("Add", [g.op("Mul", [g.op("Sub", [n, g.const(16)]), g.const(2**LOG2_FRACTION)]), _log2_fit(g, m, _MANTISSA)])
 
 
+def _exp_span(sm: IntSoftmax) -> int:
+    """``L``: every score ``d <= -L`` has the i-exp of ``-L`` (the clamp at ``MAX_HALVINGS`` halvings)."""
+    limit, k = MAX_HALVINGS * sm.iexp.ln2, sm.iexp.shift
+    return -(-limit // 2**k) if k >= 0 else limit << -k
+
+
+def _exp_tables(sm: IntSoftmax, span: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The softmax's functions of ``d`` in ``[-span, 0]``, by the program's own integer code (so they are its
+    values exactly): ``e`` and, for log2 codes, ``t``'s part that depends on ``d`` (both int32)."""
+    exp_int, z, poly = sm.iexp(torch.arange(-span, 1, dtype=torch.int64))
+    e = torch.bitwise_right_shift(exp_int, sm.rsh)
+    if sm.kind != "log2":
+        return e.to(torch.int32).numpy(), None
+    one = 2**LOG2_FRACTION
+    part = (z + sm.rsh + sm.exponent) * one + one // 2 - sm.poly_log2(poly)
+    if part.abs().max() >= 2**30:
+        raise OverflowError("the log2 softmax's table leaves int32")
+    return e.to(torch.int32).numpy(), part.to(torch.int32).numpy()
+
+
 @emitter("softmax")
 def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     sm: IntSoftmax = node.attrs["softmax"]
@@ -230,42 +309,58 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
         heads = node.attrs["heads"]
         grouped = g.op("Reshape", [x, g.const([-1, windows, heads, n, n])])
         x = g.op("Reshape", [g.op("Add", [grouped, g.const(mask[:, None], np.int32)]), g.const([-1, heads, n, n])])
-    d = g.op("Sub", [x, g.op("ReduceMax", [x], axes=[-1], keepdims=1)])  # <= 0
-    if iexp.shift >= 0:
-        fine = g.op("Mul", [d, g.const(2**iexp.shift, np.int32)])
-    else:  # floor(d / 2^k) of d <= 0: -ceil(-d / 2^k)
-        fine = g.op("Neg", [g.op("Div", [g.op("Add", [g.op("Neg", [d]), g.const(2**-iexp.shift - 1, np.int32)]), g.const(2**-iexp.shift, np.int32)])])
-    fine = g.op("Max", [fine, g.const(-MAX_HALVINGS * iexp.ln2, np.int32)])
-    z = g.op("Div", [g.op("Neg", [fine]), g.const(iexp.ln2, np.int32)])
-    r = g.op("Add", [fine, g.op("Mul", [z, g.const(iexp.ln2, np.int32)])])
-    t = g.op("Add", [r, g.const(iexp.b, np.int32)])
-    poly = g.op("Add", [g.op("Mul", [t, t]), g.const(iexp.c, np.int32)])
-    e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
+    top = g.op("ReduceMax", [x], axes=[-1], keepdims=1)
+    scores = program.values[node.inputs[0]]
+    reach = int(scores.hi - scores.lo) - (int(node.consts["mask"].min()) if "mask" in node.consts else 0)  # -d <= reach
+    span = min(_exp_span(sm), reach)
+    if span < EXP_TABLE_MAX:
+        # i-exp (and log2's part) as tables on d + span, d clamped at -span (where the i-exp is constant,
+        # or below every score): the same integers, one gather instead of a dozen elementwise passes.
+        index = g.op("Max", [g.op("Sub", [x, g.op("Sub", [top, g.const(span, np.int32)])]), g.const(0, np.int32)])
+        e_table, part_table = _exp_tables(sm, span)
+        e = g.lookup(e_table, index)
+    else:
+        d = g.op("Sub", [x, top])  # <= 0
+        if iexp.shift >= 0:
+            fine = g.op("Mul", [d, g.const(2**iexp.shift, np.int32)])
+        else:  # floor(d / 2^k) of d <= 0: -ceil(-d / 2^k)
+            fine = g.op("Neg", [g.op("Div", [g.op("Add", [g.op("Neg", [d]), g.const(2**-iexp.shift - 1, np.int32)]), g.const(2**-iexp.shift, np.int32)])])
+        fine = g.op("Max", [fine, g.const(-MAX_HALVINGS * iexp.ln2, np.int32)])
+        z = g.op("Div", [g.op("Neg", [fine]), g.const(iexp.ln2, np.int32)])
+        r = g.op("Add", [fine, g.op("Mul", [z, g.const(iexp.ln2, np.int32)])])
+        t = g.op("Add", [r, g.const(iexp.b, np.int32)])
+        poly = g.op("Add", [g.op("Mul", [t, t]), g.const(iexp.c, np.int32)])
+        e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
     total = g.op("ReduceSum", [e, axes], keepdims=1)
     if sm.kind in ("uniform", "twin"):
         tokens = node.attrs["tokens"]
+        # int32 where e * mul + sum * half and sum * 2^g stay below 2^31 (rows of a few hundred tokens)
+        wide = any(2**15 * n.mul + tokens * 2**15 * n.half >= 2**31 or tokens * 2**15 * 2**n.g >= 2**31 for n in (sm.norm, sm.fine) if n)
+        kind, dtype = (I64, np.int64) if wide else (I32, np.int32)
+        e_, total_ = g.cast(e, kind), g.cast(total, kind)
 
-        def normalise(norm) -> str:
-            # int32 where e * mul + sum * half and sum * 2^g stay below 2^31 (rows of a few hundred tokens)
-            big = 2**15 * norm.mul + tokens * 2**15 * norm.half >= 2**31 or tokens * 2**15 * 2**norm.g >= 2**31
-            kind, dtype = (I64, np.int64) if big else (I32, np.int32)
-            e_, total_ = g.cast(e, kind), g.cast(total, kind)
+        def normalise(norm) -> str:  # non-negative: the Div's truncation is the floor
             num = g.op("Add", [g.op("Mul", [e_, g.const(norm.mul, dtype)]), g.op("Mul", [total_, g.const(norm.half, dtype)])])
-            return g.cast(g.op("Div", [num, g.op("Mul", [total_, g.const(2**norm.g, dtype)])]), I64)
+            return g.op("Div", [num, g.op("Mul", [total_, g.const(2**norm.g, dtype)])])
 
         y = normalise(sm.norm)
         if sm.kind == "twin":
             fine = normalise(sm.fine)
-            coarse = g.op("Add", [g.op("Clip", [y, g.const(0), g.const(sm.top)]), g.const(sm.top + 1)])
-            y = g.op("Where", [g.op("Greater", [fine, g.const(sm.top)]), coarse, fine])
+            coarse = g.op("Add", [g.op("Clip", [y, g.const(0, dtype), g.const(sm.top, dtype)]), g.const(sm.top + 1, dtype)])
+            y = g.op("Where", [g.op("Greater", [fine, g.const(sm.top, dtype)]), coarse, fine])
     else:
         one = 2**LOG2_FRACTION
-        t = g.op("Sub", [_log2_fixed(g, g.cast(total, I64)), _log2_fit(g, g.cast(poly, I64), sm.poly_log2)])
-        t = g.op("Add", [t, g.op("Mul", [g.cast(z, I64), g.const(one)])])
-        t = g.op("Add", [t, g.const((sm.rsh + sm.exponent) * one + one // 2)])
-        y = g.floor_div(t, one, nonnegative=False)
-    y = g.op("Clip", [y, g.const(0), g.const(sm.hi)])
-    return [g.cast(y, _out_type(program, node))]
+        if span < EXP_TABLE_MAX:
+            kind, dtype = I32, np.int32
+            t = g.op("Add", [g.cast(_log2_fixed(g, g.cast(total, I64)), I32), g.lookup(part_table, index)])
+        else:
+            kind, dtype = I64, np.int64
+            t = g.op("Sub", [_log2_fixed(g, g.cast(total, I64)), _log2_fit(g, g.cast(poly, I64), sm.poly_log2)])
+            t = g.op("Add", [t, g.op("Mul", [g.cast(z, I64), g.const(one)])])
+            t = g.op("Add", [t, g.const((sm.rsh + sm.exponent) * one + one // 2)])
+        y = g.op("Div", [t, g.const(one, dtype)])  # truncation and floor differ only below 0, clamped to 0 either way
+    y = g.op("Clip", [y, g.const(0, dtype), g.const(sm.hi, dtype)])
+    return [g.narrow(y, _out_type(program, node)) if kind == I32 else g.cast(y, _out_type(program, node))]
 
 
 @emitter("decode")
@@ -283,9 +378,8 @@ def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
 
 @emitter("lookup")
 def _lookup(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
-    table = node.consts["table"]
-    index = ins[0] if program.values[node.inputs[0]].dtype == "int32" else g.cast(ins[0], I32)  # Gather reads int32/int64 indices
-    return [g.op("Gather", [g.const(table, table.dtype, "table"), index], axis=0)]
+    index = ins[0] if program.values[node.inputs[0]].dtype in ("int32", "int64") else g.cast(ins[0], I32)
+    return [g.lookup(node.consts["table"], index)]
 
 
 @emitter("reshape")
@@ -347,6 +441,7 @@ def to_onnx(program: Program) -> onnx.ModelProto:
         for value, out in zip(node.outputs, outs):
             names[value] = out
     g.nodes.append(helper.make_node("Identity", [names[program.output]], [OUTPUT], name="logits"))
+    g.prune()
     ch, h, w = program.meta["input_shape"]
     graph = helper.make_graph(
         g.nodes, "int_only",
