@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from quant_config import ConfigError
-from utils.errors import ArgumentParser, UserError, run_script
+from utils.errors import ArgumentParser, UserError, parse_batches, run_script
 from utils.metrics import logit_cosine, top1_accuracy, top1_agreement
 
 
@@ -71,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden", type=int, default=0, metavar="N",
                    help="with --integer-only: golden vectors of N verification images for hardware (golden/: every layer's integers and constants)")
     return p
-
-
-def parse_batches(text: str) -> list[int]:
-    if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", text):
-        raise UserError(f"--batch {text!r}: expected positive integers separated by commas, e.g. 1,32")
-    return sorted({int(b) for b in text.split(",")})
 
 
 def collect_logits(loader, models: dict[str, Callable]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -120,7 +113,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     """Every argument checked before anything is loaded; returns the batch sizes and the runtimes."""
     from utils.runtimes import parse_runtimes
 
-    batches = parse_batches(args.batch)
+    batches = parse_batches("--batch", args.batch)
     runtimes = parse_runtimes(args.runtimes or ("ort" if args.integer_only else "ort,openvino,tensorrt"))
     if args.integer_only and runtimes != ["ort"]:
         raise UserError(f"--integer-only verifies int_only.onnx in ONNX Runtime: use --runtimes ort, not {args.runtimes!r}")
@@ -355,14 +348,15 @@ def convert(args: argparse.Namespace) -> Path:
 
 
 def integer_program(qvit):
-    """The calibrated model's integer program; what it cannot express is a one-line UserError."""
-    from models.integer.lower import IntegerUnsupported, lower
+    """The calibrated model's integer program and its ONNX form; what they cannot express is a one-line
+    UserError, before anything is written."""
+    from models.integer import IntegerUnsupported
+    from models.integer.lower import lower
+    from utils.integer_onnx import to_onnx
 
-    refusal = qvit.recipe.integer_refusal()
-    if refusal is not None:
-        raise UserError(f"--integer-only: {refusal}")
     try:
-        return lower(qvit)
+        program = lower(qvit)
+        return program, to_onnx(program)
     except IntegerUnsupported as exc:
         raise UserError(f"--integer-only: {exc}") from None
 
@@ -375,13 +369,13 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
 
     from models.integer.golden import write_golden
     from models.integer.program import run as run_program
-    from utils.integer_onnx import float_tensors, write_int_only
+    from utils.integer_onnx import float_tensors
     from utils.onnx_export import export_onnx, simplify
     from utils.run_dir import RunDir, write_json_atomic
     from utils.runtimes import load_model as load_runtime_model
     from utils.runtimes import unavailable_reason
 
-    program = integer_program(qvit)
+    program, int_only = integer_program(qvit)
     reason = unavailable_reason("ort")
     if reason is not None:
         raise UserError(f"--integer-only verifies int_only.onnx in ONNX Runtime: {reason}")
@@ -392,7 +386,8 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
         report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "integer_only": True}
         print(f"[1/3] export: {qvit.recipe.name}'s integer program ({len(program.nodes)} integer operations) to int_only.onnx, and fp32.onnx")
         export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=args.opset)
-        write_int_only(program, folder / "int_only.raw.onnx")
+        onnx.checker.check_model(int_only)
+        onnx.save(int_only, str(folder / "int_only.raw.onnx"))
         print("[2/3] simplify and check")
         tools = [simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx") for name in ("fp32", "int_only")]
         for name in ("fp32", "int_only"):

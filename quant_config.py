@@ -322,7 +322,7 @@ class QuantRecipe:
     attention: QuantizerSpec | None = None
     # Softmax from integer-only arithmetic on the quantized scores (I-BERT i-exp, used by FQ-ViT's LIS).
     integer_softmax: bool = False
-    # GELU as the integer program computes it: an even polynomial on fc1's output in fixed point
+    # GELU as the integer program computes it: a table on fc1's output rounded onto a 12-bit index grid
     # (models/integer/gelu.py), so that the fake-quant model simulates the integer-only program.
     integer_gelu: bool = False
     reparam: ReparamSpec | None = None

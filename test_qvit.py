@@ -333,7 +333,8 @@ def calibrate_or_load(args: argparse.Namespace, job: Job, qvit, model_facts: dic
 
 def integer_program(qvit, say: Callable):
     """The calibrated QVit's integer program (models/integer); a point it cannot express is a UserError."""
-    from models.integer.lower import IntegerUnsupported, lower
+    from models.integer import IntegerUnsupported
+    from models.integer.lower import lower
 
     try:
         program = lower(qvit)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from bench.deploy_systems import (ACCURACY_MODEL, FP32, NNCF_SQ, TITLES, System,
                                   cpu_name, data_transform, export_fp32, header, load_systems, measure_accuracy, nncf_variants, our_int8,
                                   parse_list, quiet_tools, step, torch_logits, validation_images, versions)  # fmt: skip
 from quant_config import DEFAULT_RECIPE, ConfigError, available_recipes
-from utils.errors import ArgumentParser, UserError, run_script
+from utils.errors import ArgumentParser, UserError, parse_batches, run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- arguments --------------------------------------------------------------------------------------
 
 
-def parse_batches(text: str) -> list[int]:
-    if not re.fullmatch(r"\s*[1-9]\d*(\s*,\s*[1-9]\d*)*\s*", text):
-        raise UserError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 1,32")
-    return sorted({int(b) for b in text.split(",")})
-
-
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
     """Everything checked before anything slow starts; returns the models, the recipes and the batch sizes."""
     from utils.checkpoint import check_model_name
@@ -94,7 +87,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], lis
     for name in models:
         check_model_name(name)
     recipes = parse_list("--recipes", args.recipes)
-    batches = parse_batches(args.batches)
+    batches = parse_batches("--batches", args.batches)
     for flag, value in (("--calib-images", args.calib_images), ("--speed-calib-images", args.speed_calib_images),
                         ("--val-images", args.val_images), ("--iters", args.iters), ("--threads", args.threads)):  # fmt: skip
         if value < 1:

@@ -32,13 +32,15 @@ import torch
 
 from bench.common import build_qvit, deit_checkpoint, image_batches
 from bench.deploy_systems import cpu_name, parse_list, step
-from quant_config import load_recipe
-from utils.errors import UserError, run_script
+from models.integer import IntegerUnsupported
+from quant_config import ConfigError, load_recipe
+from utils.errors import ArgumentParser, UserError, parse_batches, run_script
+from utils.runtimes import load_model
 from utils.timing import timed_pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="deit_tiny_patch16_224,vit_base_patch16_224")
     p.add_argument("--recipe", default="fqvit_w8a8_att8", help="the integer recipe (default fqvit_w8a8_att8)")
     p.add_argument("--batches", default="1,32")
@@ -50,15 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="the PyTorch executor's device with --torch")
     p.add_argument("--json", type=Path, default=None)
     return p
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"images": x})[0]
 
 
 def pair(name: str, first, second, x, iters: int) -> dict:
@@ -108,7 +101,7 @@ def bench_model(model_name: str, args: argparse.Namespace, batches: list[int], f
             files["cpu_int8"] = save_deployed("ort", folder / "int8.onnx")[0]
     result["bytes"] = {name: path.stat().st_size for name, path in files.items()}
     result["int_only_vs_fp32_size"] = result["bytes"]["int_only"] / result["bytes"]["fp32"]
-    sessions = {name: ort_session(path, args.threads) for name, path in files.items()}
+    sessions = {name: load_model("ort", path, args.threads) for name, path in files.items()}
     pool = torch.cat(calib)
     for batch in batches:
         x = torch.cat([pool] * (-(-batch // len(pool))))[:batch].numpy()
@@ -147,10 +140,10 @@ def table(results: list[dict]) -> str:
 
 def bench(args: argparse.Namespace) -> str:
     models = parse_list("--models", args.models)
-    try:
-        batches = sorted({int(b) for b in args.batches.split(",")})
-    except ValueError:
-        raise UserError(f"--batches {args.batches!r}: expected integers separated by commas") from None
+    batches = parse_batches("--batches", args.batches)
+    refusal = load_recipe(args.recipe).integer_refusal()
+    if refusal is not None:
+        raise UserError(f"--recipe {args.recipe}: {refusal}")
     if args.data is not None and not (args.data / "train").is_dir():
         raise UserError(f"--data {args.data}: no train/ folder")
     torch.set_num_threads(args.threads)
@@ -167,7 +160,7 @@ def bench(args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    return run_script(lambda: bench(build_parser().parse_args()))
+    return run_script(lambda: bench(build_parser().parse_args()), (UserError, ConfigError, IntegerUnsupported))
 
 
 if __name__ == "__main__":

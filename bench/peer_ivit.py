@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.checkpoint import create_model, load_checkpoint
+from utils.errors import ArgumentParser, UserError, run_script
 from utils.metrics import logit_cosine, top1_accuracy, top1_agreement
 
 
@@ -43,7 +44,7 @@ def import_ivit(repo: Path) -> types.ModuleType:
     Swin, whose module imports tkinter); returns ``ivit.vit_quant``."""
     folder = repo / "models"
     if not (folder / "vit_quant.py").is_file():
-        raise SystemExit(f"error: --ivit-repo {repo}: no models/vit_quant.py (a checkout of github.com/zkkli/I-ViT)")
+        raise UserError(f"--ivit-repo {repo}: no models/vit_quant.py (a checkout of github.com/zkkli/I-ViT)")
     package = types.ModuleType("ivit")
     package.__path__ = [str(folder)]
     sys.modules["ivit"] = package
@@ -76,10 +77,9 @@ class FloatLayerNorm(nn.LayerNorm):
         return y, torch.full((1,), 2.0**-12, device=y.device)
 
 
-def swap(model: nn.Module, kind: str) -> int:
-    """Replace every I-ViT module of ``kind`` (softmax, gelu, layernorm) by its float version; returns how many."""
+def swap(model: nn.Module, kind: str) -> None:
+    """Replace every I-ViT module of ``kind`` (softmax, gelu, layernorm) by its float version."""
     names = {"softmax": "IntSoftmax", "gelu": "IntGELU", "layernorm": "IntLayerNorm"}
-    count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ != names[kind]:
@@ -90,8 +90,6 @@ def swap(model: nn.Module, kind: str) -> int:
             else:
                 new = FloatSoftmax() if kind == "softmax" else FloatGELU()
             setattr(parent, name, new)
-            count += 1
-    return count
 
 
 def ivit_model(vit_quant: types.ModuleType, checkpoint: Path, swapped: str | None, nudge: bool) -> nn.Module:
@@ -103,7 +101,7 @@ def ivit_model(vit_quant: types.ModuleType, checkpoint: Path, swapped: str | Non
     result = model.load_state_dict(state, strict=False)
     weights = [k for k in result.missing_keys if k.endswith(("weight", "bias", "token", "pos_embed"))]
     if weights:
-        raise SystemExit(f"error: I-ViT's DeiT-tiny did not take {len(weights)} weight(s) of the checkpoint: {weights[:3]}")
+        raise UserError(f"I-ViT's DeiT-tiny did not take {len(weights)} weight(s) of the checkpoint: {weights[:3]}")
     if nudge:
         with torch.no_grad():
             for module in model.modules():
@@ -135,14 +133,21 @@ def batches(data: Path, transform, count: int | None, seed: int = 0):
     return [(x, y) for x, y, _ in make_loader(samples, transform, 32, 2) if x is not None]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ivit-repo", type=Path, required=True, help="a checkout of github.com/zkkli/I-ViT")
     p.add_argument("--checkpoint", type=Path, required=True, help="DeiT-tiny weights (timm state dict)")
     p.add_argument("--data", type=Path, required=True, help="ImageNet layout with train/ (calibration) and val/")
     p.add_argument("--calib-size", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None, help="val images (default all)")
-    args = p.parse_args()
+    return p
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Print one row per variant as it finishes."""
+    for flag, folder in (("--data", args.data / "train"), ("--data", args.data / "val")):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {args.data}: no {folder.name}/ folder")
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self  # I-ViT's code pins a few tensors to CUDA
     vit_quant = import_ivit(args.ivit_repo)
@@ -177,7 +182,10 @@ def main() -> int:
         logits = np.where(finite[:, None], logits, 0.0)  # a non-finite row predicts nothing: wrong, cosine 0
         print(f"{title:52s} {top1_accuracy(logits, labels):6.1f} {top1_agreement(logits, reference):10.3f} "
               f"{logit_cosine(logits, reference):8.4f} {int((~finite).sum()):10d} {time.perf_counter() - start:5.0f}")  # fmt: skip
-    return 0
+
+
+def main() -> int:
+    return run_script(lambda: compare(build_parser().parse_args()))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.integer.dyadic import fixed_point, requantize, shift_for
+from models.integer.dyadic import fixed_point, requantize
 from models.integer.gelu import LOW, GeluTable
 from models.integer.isqrt import bit_length, isqrt
 from models.integer.layernorm import IntLayerNorm
@@ -41,8 +41,7 @@ def test_requantize_equals_rational_arithmetic_and_rounds_half_up_within_its_bou
     m = rng.uniform(1e-4, 3e-3, 16)  # real multipliers per channel, two terms
     m2 = rng.uniform(0.1, 4.0, 16)
     r = rng.uniform(-50, 50, 16)
-    sh = shift_for(float(m2.max()) * 256 + float(m.max()) * 2**22 + 50, 60)  # the int64 bound
-    sh = min(sh, 40)
+    sh = 40  # the sums stay below 2^54: int64 with room
     M1, M2, R = fixed_point(m, sh), fixed_point(m2, sh), fixed_point(r + 0.5, sh)
     x1 = torch.tensor(rng.integers(-(2**22), 2**22, (200, 16)), dtype=torch.int32)
     x2 = torch.tensor(rng.integers(0, 256, (200, 16)), dtype=torch.int32)

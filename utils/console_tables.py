@@ -48,6 +48,9 @@ def profile_summary(totals: dict) -> str:
         f"top-1 agreement {totals['agreement_top1']:.3f}",
         "Worst points (accumulated QSNR): " + ", ".join(f"{w['name']} {db(w['qsnr_db'])} dB" for w in totals["worst"][:5]),
     ]
+    if totals.get("points_without_program_tensor"):
+        missing = totals["points_without_program_tensor"]
+        lines.append(f"{len(missing)} point(s) have no tensor in the integer program (no statistics): {', '.join(missing[:5])}")
     if "isolated_worst" in totals:
         lines.append(
             "Worst points alone (logit cosine): "

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["ArgumentParser", "Stopped", "UserError", "run_script"]
+__all__ = ["ArgumentParser", "Stopped", "UserError", "parse_batches", "run_script"]
 
 
 class UserError(Exception):
@@ -25,6 +26,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_batches(flag: str, text: str) -> list[int]:
+    """Batch sizes from ``1,32`` (sorted, unique); anything but positive integers is a UserError."""
+    if not re.fullmatch(r"\s*[1-9]\d*(\s*,\s*[1-9]\d*)*\s*", text):
+        raise UserError(f"{flag} {text!r}: expected positive integers separated by commas, e.g. 1,32")
+    return sorted({int(b) for b in text.split(",")})
 
 
 class Stopped(BaseException):

@@ -3,7 +3,7 @@
 Each operation of a :class:`~models.integer.program.Program` becomes standard ONNX operators (no
 ``com.microsoft`` ones, so TVM and hardware compilers read it): ``MatMulInteger`` for every GEMM of
 8-bit codes, ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``GatherElements``
-for tables, and elementwise ``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Where`` on
+for tables, and elementwise ``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Min``/``Where`` on
 int32 and int64 tensors for the rest. Between the one ``QuantizeLinear`` of the float image and the
 one ``DequantizeLinear`` of the int32 logits every tensor is an integer type (:func:`float_tensors`
 checks it with ONNX shape inference).
@@ -28,9 +28,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from models.integer import IntegerUnsupported
 from models.integer.isqrt import BIT_SEARCH, NEWTON_STEPS
 from models.integer.program import Node, Program
-from models.integer.softmax import LOG2_FRACTION, MAX_HALVINGS, IntSoftmax, Log2Fit, _MANTISSA
+from models.integer.softmax import LOG2_FRACTION, MAX_HALVINGS, IntSoftmax, Log2Fit, MANTISSA_LOG2
 
 __all__ = ["OPSET", "float_tensors", "to_onnx", "write_int_only"]
 
@@ -102,10 +103,15 @@ class _Graph:
         self.nodes = kept[::-1]
         self.initializers = [t for t in self.initializers if t.name in used]
 
-    def floor_div(self, x: str, divisor: int) -> str:
-        """``floor(x / divisor)`` of a signed integer tensor (``divisor > 0``; ONNX's ``Div`` truncates)."""
-        d = self.const(divisor)
+    def floor_div(self, x: str, divisor: int | str) -> str:
+        """``floor(x / divisor)`` of a signed int64 tensor by a positive integer or tensor (ONNX's ``Div``
+        truncates; ``Mod`` with ``fmod = 0`` takes the divisor's sign)."""
+        d = self.const(divisor) if isinstance(divisor, int) else divisor
         return self.op("Div", [self.op("Sub", [x, self.op("Mod", [x, d], fmod=0)]), d])
+
+    def int32(self, x: str, dtype: str) -> str:
+        """The integer tensor ``x`` (the program's ``dtype``) as int32."""
+        return x if dtype == "int32" else self.cast(x, I32)
 
     def shift_left(self, x: str, shift: str) -> str:
         """``x << shift`` of non-negative int64 tensors (through uint64)."""
@@ -165,7 +171,7 @@ def _matmul(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
     # A wide operand (log2 attention weights): int32 MatMul of the centred operands (exact: |sums| < 2^31).
     operands = []
     for x, zero, kind in zip(ins, (a["a_zero"], a["b_zero"]), kinds):
-        x = x if kind == "int32" else g.cast(x, I32)
+        x = g.int32(x, kind)
         operands.append(g.op("Sub", [x, g.const(zero, np.int32)]) if zero else x)
     return [g.op("MatMul", operands)]
 
@@ -184,7 +190,7 @@ def _requant(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     # BitShift is unsigned only, and ONNX Runtime's int64 Div of such sums is several times slower.
     k = max(0, -(int(low.min()) >> sh))
     if int(high.max()) + (k << sh) >= 2**63:
-        raise OverflowError(f"{node.name}: the offset sum leaves int64")
+        raise IntegerUnsupported(f"{node.name}: the offset sum leaves int64")
     acc = None
     for i, x in enumerate(ins):
         term = g.op("Mul", [g.cast(x, I64), g.const(c[f"m{i}"])])
@@ -199,14 +205,19 @@ def _requant(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     return [g.narrow(y, _out_type(program, node)) if narrow else g.cast(y, _out_type(program, node))]
 
 
+def _bit_length(g: _Graph, v: str) -> str:
+    """:func:`models.integer.isqrt.bit_length` step for step on a non-negative int64 tensor."""
+    n = g.op("Mul", [v, g.const(0)])
+    for step in BIT_SEARCH:
+        shifted = g.shift_right(v, g.op("Add", [n, g.const(step)]))
+        n = g.op("Add", [n, g.op("Mul", [g.cast(g.op("Greater", [shifted, g.const(0)]), I64), g.const(step)])])
+    return g.op("Add", [n, g.cast(g.op("Greater", [v, g.const(0)]), I64)])
+
+
 def _isqrt(g: _Graph, d: str) -> str:
     """:func:`models.integer.isqrt.isqrt` step for step on a non-negative int64 tensor."""
     positive = g.op("Max", [d, g.const(1)])
-    n = g.op("Mul", [positive, g.const(0)])
-    for step in BIT_SEARCH:
-        shifted = g.shift_right(positive, g.op("Add", [n, g.const(step)]))
-        n = g.op("Add", [n, g.op("Mul", [g.cast(g.op("Greater", [shifted, g.const(0)]), I64), g.const(step)])])
-    n = g.op("Add", [n, g.const(1)])  # bit length of positive (> 0)
+    n = _bit_length(g, positive)
     x = g.shift_left(g.const(1), g.op("Div", [g.op("Add", [n, g.const(1)]), g.const(2)]))
     for _ in range(NEWTON_STEPS):
         x = g.op("Div", [g.op("Add", [x, g.op("Div", [positive, x])]), g.const(2)])
@@ -236,8 +247,8 @@ def _sum_of_squares(g: _Graph, x: str, ln, codes) -> str:
 def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     ln = node.attrs["layernorm"]
     axes = g.const([-1])
-    # X_c and its sum fit int32 (|X| < 2^17, C < 2^13); the sum of squares and the numerator need int64.
-    x = g.op("Sub", [g.cast(ins[0], I32), g.const(ln.zero, np.int32)])
+    # X_c, its sum S and C X - S fit int32 (the lowering checks it); the numerator needs int64.
+    x = g.op("Sub", [g.int32(ins[0], program.values[node.inputs[0]].dtype), g.const(ln.zero, np.int32)])
     x = g.op("Mul", [x, g.const(np.left_shift(np.int64(1), ln.shift), np.int32)])
     s = g.op("ReduceSum", [x, axes], keepdims=1)
     q = _sum_of_squares(g, x, ln, program.values[node.inputs[0]])
@@ -247,10 +258,8 @@ def _layernorm(g: _Graph, node: Node, ins: list[str], program: Program) -> list[
     centred = g.cast(g.op("Sub", [g.op("Mul", [x, g.const(ln.channels, np.int32)]), s]), I64)
     num = g.op("Add", [g.op("Mul", [centred, g.const(ln.gain)]), g.op("Mul", [g.const(ln.offset), sigma])])
     den = g.op("Mul", [sigma, g.const(2**ln.g)])
-    if ln.lo >= 0:  # truncation and floor differ only below 0, which the clamp maps to lo either way
-        y = g.op("Div", [num, den])
-    else:
-        y = g.op("Div", [g.op("Sub", [num, g.op("Mod", [num, den], fmod=0)]), den])
+    # truncation and floor differ only below 0, which the clamp maps to lo >= 0 either way
+    y = g.op("Div", [num, den]) if ln.lo >= 0 else g.floor_div(num, den)
     y = g.op("Clip", [y, g.const(ln.lo), g.const(ln.hi)])
     return [g.cast(y, _out_type(program, node))]
 
@@ -266,15 +275,11 @@ def _log2_fit(g: _Graph, v: str, fit: Log2Fit) -> str:
 
 def _log2_fixed(g: _Graph, v: str) -> str:
     """:func:`~models.integer.softmax.log2_fixed` on a positive int64 tensor."""
-    n = g.op("Mul", [v, g.const(0)])
-    for step in BIT_SEARCH:
-        shifted = g.shift_right(v, g.op("Add", [n, g.const(step)]))
-        n = g.op("Add", [n, g.op("Mul", [g.cast(g.op("Greater", [shifted, g.const(0)]), I64), g.const(step)])])
-    n = g.op("Add", [n, g.cast(g.op("Greater", [v, g.const(0)]), I64)])
+    n = _bit_length(g, v)
     up = g.op("Max", [g.op("Sub", [g.const(16), n]), g.const(0)])
     down = g.op("Max", [g.op("Sub", [n, g.const(16)]), g.const(0)])
     m = g.shift_right(g.shift_left(v, up), down)
-    return g.op("Add", [g.op("Mul", [g.op("Sub", [n, g.const(16)]), g.const(2**LOG2_FRACTION)]), _log2_fit(g, m, _MANTISSA)])
+    return g.op("Add", [g.op("Mul", [g.op("Sub", [n, g.const(16)]), g.const(2**LOG2_FRACTION)]), _log2_fit(g, m, MANTISSA_LOG2)])
 
 
 def _exp_span(sm: IntSoftmax) -> int:
@@ -293,7 +298,7 @@ def _exp_tables(sm: IntSoftmax, span: int) -> tuple[np.ndarray, np.ndarray | Non
     one = 2**LOG2_FRACTION
     part = (z + sm.rsh + sm.exponent) * one + one // 2 - sm.poly_log2(poly)
     if part.abs().max() >= 2**30:
-        raise OverflowError("the log2 softmax's table leaves int32")
+        raise IntegerUnsupported("the log2 softmax's table leaves int32")
     return e.to(torch.int32).numpy(), part.to(torch.int32).numpy()
 
 
@@ -302,7 +307,7 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
     sm: IntSoftmax = node.attrs["softmax"]
     iexp = sm.iexp
     axes = g.const([-1])
-    x = g.cast(ins[0], I32)
+    x = g.int32(ins[0], program.values[node.inputs[0]].dtype)
     if "mask" in node.consts:  # (images * windows, heads, N, N) + (windows, 1, N, N), window by window
         mask = node.consts["mask"]
         windows, n = mask.shape[0], mask.shape[-1]
@@ -330,7 +335,9 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
         r = g.op("Add", [fine, g.op("Mul", [z, g.const(iexp.ln2, np.int32)])])
         t = g.op("Add", [r, g.const(iexp.b, np.int32)])
         poly = g.op("Add", [g.op("Mul", [t, t]), g.const(iexp.c, np.int32)])
-        e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(g.op("Add", [z, g.const(sm.rsh, np.int32)]), U32)], direction="RIGHT"), I32)
+        # poly < 2^29: shifts past 31 (undefined for uint32 in ONNX) give 0 either way
+        shift = g.op("Min", [g.op("Add", [z, g.const(sm.rsh, np.int32)]), g.const(31, np.int32)])
+        e = g.cast(g.op("BitShift", [g.cast(poly, U32), g.cast(shift, U32)], direction="RIGHT"), I32)
     total = g.op("ReduceSum", [e, axes], keepdims=1)
     if sm.kind in ("uniform", "twin"):
         tokens = node.attrs["tokens"]
@@ -366,7 +373,7 @@ def _softmax(g: _Graph, node: Node, ins: list[str], program: Program) -> list[st
 @emitter("decode")
 def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     a = node.attrs
-    codes = g.cast(ins[0], I32)
+    codes = g.int32(ins[0], program.values[node.inputs[0]].dtype)
     if a["kind"] == "twin":
         coarse = g.op("Mul", [g.op("Sub", [codes, g.const(a["top"] + 1, np.int32)]), g.const(2 ** a["shift"], np.int32)])
         return [g.op("Where", [g.op("Greater", [codes, g.const(a["top"], np.int32)]), coarse, codes])]
@@ -378,7 +385,7 @@ def _decode(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
 
 @emitter("lookup")
 def _lookup(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
-    index = ins[0] if program.values[node.inputs[0]].dtype in ("int32", "int64") else g.cast(ins[0], I32)
+    index = g.int32(ins[0], program.values[node.inputs[0]].dtype)
     return [g.lookup(node.consts["table"], index)]
 
 
@@ -424,7 +431,7 @@ def _concat_const(g: _Graph, node: Node, ins: list[str], program: Program) -> li
 @emitter("sum")
 def _sum(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
     a = node.attrs
-    return [g.op("ReduceSum", [g.cast(ins[0], I32), g.const(list(a["axes"]))], keepdims=int(a["keepdims"]))]
+    return [g.op("ReduceSum", [g.int32(ins[0], program.values[node.inputs[0]].dtype), g.const(list(a["axes"]))], keepdims=int(a["keepdims"]))]
 
 
 @emitter("dequantize")

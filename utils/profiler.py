@@ -276,6 +276,7 @@ class _Profiler:
         self.qvit = qvit
         self.program = program
         self._pending: dict[int, tuple[Tensor, Any]] = {}  # quantizer id -> the program's codes at that point and their grid
+        self.unmatched: set[str] = set()  # points the integer program holds no tensor of
         self.detail_samples = detail_samples
         self.model = qvit.model
         self.isolated = isolated
@@ -444,6 +445,7 @@ class _Profiler:
                 continue
             codes, grid = self._pending.pop(key, (None, None))
             if codes is None or codes.numel() != ref.numel():
+                self.unmatched.add(point.name)
                 continue
             quant = grid.dequantize(codes).reshape(ref.shape)
             point.acc.update(ref, quant, self._clipped(q, ref[:detail]) if detail else 0, True, detail)
@@ -559,6 +561,8 @@ class _Profiler:
             ],
             "seconds": seconds,
         }
+        if self.program is not None:
+            totals["points_without_program_tensor"] = sorted(self.unmatched)
         if self.isolated:
             iso_worst = table.nsmallest(10, "iso_logit_cosine")
             totals["isolated_worst"] = [

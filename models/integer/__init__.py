@@ -13,3 +13,7 @@ LayerNorm (:mod:`~models.integer.layernorm`), softmax (:mod:`~models.integer.sof
 This package imports nothing at import time: :mod:`models.ptq.layers` uses its softmax and GELU, so the
 fake-quant model simulates exactly what the program computes.
 """
+
+
+class IntegerUnsupported(ValueError):
+    """The calibrated model has a point or a feature the integer program cannot express (one line)."""

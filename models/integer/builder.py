@@ -30,18 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.integer import IntegerUnsupported
 from models.integer.dyadic import INT64_BOUND, fixed_point
 from models.integer.program import Grid, Node, Program, Value
 from models.quant_vit import QVit, point_name
 from models.ptq.tensor_quantizer import TensorQuantizer
 
-__all__ = ["Builder", "Codes", "IntegerUnsupported"]
+__all__ = ["Builder", "Codes"]
 
 INT32_MAX = 2**31 - 1
-
-
-class IntegerUnsupported(ValueError):
-    """The calibrated model has a point or a feature the integer program cannot express (one line)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,12 @@ class Codes:
 
     @property
     def dtype(self) -> str:
-        return "uint8" if self.hi <= 255 else "uint16"
+        return "int32" if self.kind == "fixed" else "uint8" if self.hi <= 255 else "uint16"
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """The stored codes' bounds (a fixed grid is signed)."""
+        return (-self.hi, self.hi) if self.kind == "fixed" else (0, self.hi)
 
     @property
     def grid(self) -> Grid:
@@ -94,15 +96,15 @@ class Codes:
             if bt.symmetric:  # the sign picks the region: stored = code + 2^(b-1)
                 return cls(name, "twin_signed", scale, np.asarray(-bt.qmin), bt.qmax - bt.qmin, fine)
             return cls(name, "twin_unsigned", scale, np.asarray(top + 1), 2 * top + 1, fine)
-        if not method.learnable_scale:  # not a plain uniform grid
+        if not method.uniform_levels:
             raise IntegerUnsupported(f"{name}: the {q.spec.quantizer} grid has no integer form here")
         zero = np.rint(q.zero_point.detach().double().cpu().numpy()).astype(np.int64) - bt.qmin
         return cls(name, "uniform", scale, zero, bt.qmax - bt.qmin)
 
     @classmethod
-    def fixed(cls, scale: float, lo: int, hi: int) -> "Codes":
-        """A signed fixed-point grid ``value = stored * scale`` (stored in ``[lo, hi]``, int32)."""
-        return cls(None, "fixed", np.asarray(scale, np.float64), np.asarray(0), hi)
+    def fixed(cls, scale: float) -> "Codes":
+        """A signed fixed-point grid ``value = stored * scale`` (int32; its users give the range)."""
+        return cls(None, "fixed", np.asarray(scale, np.float64), np.asarray(0), 0)
 
 
 @dataclass
@@ -156,8 +158,7 @@ class Builder:
         return v
 
     def coded(self, name: str, codes: Codes) -> Value:
-        lo, hi = (0, codes.hi) if codes.kind != "fixed" else (-codes.hi, codes.hi)
-        return self.value(name, codes.dtype if codes.kind != "fixed" else "int32", lo, hi, codes.grid, codes.point)
+        return self.value(name, codes.dtype, *codes.range, codes.grid, codes.point)
 
     def emit(self, name: str, op: str, inputs: list[str], outputs: list[Value], attrs: dict | None = None, consts: dict | None = None) -> list[str]:
         self.nodes.append(Node(name, op, list(inputs), [v.name for v in outputs], attrs or {}, consts or {}))
@@ -196,12 +197,19 @@ class Builder:
         return self.emit(name, "lookup", [index], [out], consts={"table": table})[0]
 
     # -- arithmetic ------------------------------------------------------------------------------------
-    def quantize(self, name: str, x: str, codes: Codes) -> str:
-        """The float image onto its input point's grid (per tensor)."""
-        if codes.per_channel or codes.kind != "uniform":
-            raise IntegerUnsupported(f"{codes.point}: the image's quantization must be uniform, per tensor")
+    def patches(self, image: str, conv: nn.Module) -> str:
+        """The float image onto the patch embedding's input grid (uniform, per tensor, 8-bit), cut into
+        patches: with kernel = stride and no padding its Conv is a GEMM of the patches."""
+        if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1:
+            raise IntegerUnsupported("patch_embed.proj: the integer program's patch embedding needs kernel = stride, no padding")
+        codes = self.codes(conv.input_quant)
+        if codes.per_channel or codes.kind != "uniform" or codes.hi > 255:
+            raise IntegerUnsupported(f"{codes.point}: the image's quantization must be uniform, per tensor, 8-bit")
         consts = {"scale": np.asarray(codes.scale, np.float32), "zero": np.asarray(codes.zero, np.int64)}
-        return self.emit(name, "quantize", [x], [self.coded(name, codes)], {"lo": 0, "hi": codes.hi}, consts)[0]
+        name = "patch_embed.proj.input"
+        x = self.emit(name, "quantize", [image], [self.coded(name, codes)], {"lo": 0, "hi": codes.hi}, consts)[0]
+        patch = self.value("patch_embed.patches", "uint8", 0, codes.hi, codes.grid)
+        return self.emit(patch.name, "im2col", [x], [patch], {"kernel": list(conv.kernel_size)})[0]
 
     def _gemm(self, name: str, x: str, module: nn.Module, x_zero: int, x_reach: int) -> tuple[str, np.ndarray]:
         """``sum_k (x_k - x_zero) W_kn``: int32 accumulator and the weight's per-channel scale."""
@@ -257,8 +265,8 @@ class Builder:
         if out.kind not in ("uniform", "fixed"):
             raise IntegerUnsupported(f"{out.point}: a {out.kind} grid is written by a table or the softmax, not by rescaling")
         if lo is None:
-            lo, hi = (0, out.hi) if out.kind != "fixed" else (-out.hi, out.hi)
-        r = np.asarray(offset, np.float64) + (np.asarray(out.zero, np.float64) if out.kind != "fixed" else 0.0)
+            lo, hi = out.range
+        r = np.asarray(offset, np.float64) + np.asarray(out.zero, np.float64)
         bounds = []
         for x, m in terms:
             v = self.values[x]
@@ -271,7 +279,7 @@ class Builder:
         sh = max(0, min(48, math.floor(math.log2(INT64_BOUND / total)) - 1))
         consts = {f"m{i}": fixed_point(m, sh) for i, (_, m) in enumerate(terms)}
         consts["r"] = fixed_point(r + 0.5, sh)
-        dtype = dtype or (out.dtype if out.kind != "fixed" else "int32")
+        dtype = dtype or out.dtype
         value = self.value(name, dtype, lo, hi, out.grid, out.point if layout else None)
         return self.emit(name, "requant", [x for x, _ in terms], [value], {"shift": sh, "lo": lo, "hi": hi}, consts)[0]
 
@@ -284,12 +292,14 @@ class Builder:
         if out.kind not in ("uniform", "fixed"):
             raise IntegerUnsupported(f"{out.point}: a LayerNorm writes a uniform grid, not a {out.kind} one")
         if lo is None:
-            lo, hi = (0, out.hi) if out.kind != "fixed" else (-out.hi, out.hi)
-        ln = module.integer_layernorm(out.scale, out.zero if out.kind != "fixed" else np.zeros(()), lo, hi)
+            lo, hi = out.range
+        ln = module.integer_layernorm(out.scale, out.zero, lo, hi)
         if ln is None:
             raise IntegerUnsupported(f"{xc.point}: a LayerNorm input needs one scale or power-of-two multiples of one step per channel (PTF)")
-        dtype = out.dtype if out.kind != "fixed" else "int32"
-        value = self.value(name, dtype, lo, hi, out.grid, out.point if layout else None)
+        x_max = int(np.max(np.maximum(ln.zero, xc.hi - ln.zero) << ln.shift))
+        if 2 * ln.channels * x_max >= 2**31:  # X, its sum S and C X - S are int32 in the ONNX form
+            raise IntegerUnsupported(f"{xc.point}: the integer LayerNorm's sums over {ln.channels} channels of these codes could leave int32")
+        value = self.value(name, out.dtype, lo, hi, out.grid, out.point if layout else None)
         return self.emit(name, "layernorm", [x], [value], {"layernorm": ln})[0]
 
     def logits(self, heads: list[Branch]) -> str:
@@ -304,7 +314,7 @@ class Builder:
             t, o = h.onto(step, weight)
             terms += t
             offset = offset + o
-        logits = self.requant("logits", terms, offset, Codes.fixed(step, 0, 0), -INT32_MAX, INT32_MAX)
+        logits = self.requant("logits", terms, offset, Codes.fixed(step), -INT32_MAX, INT32_MAX)
         out = self.value("logits.float", "float32", -math.inf, math.inf)
         return self.emit(out.name, "dequantize", [logits], [out], consts={"scale": np.asarray(step, np.float32)})[0]
 
@@ -397,9 +407,11 @@ class Builder:
             raise IntegerUnsupported(f"{prefix}.act computes GELU in float (the recipe's integer_gelu is off)")
         if act.channel_scale is not None:
             raise IntegerUnsupported(f"{prefix}.act divides GELU channel by channel (reparam mlp_alpha): one table per channel is not lowered")
-        table = act.table()
         q = mlp.fc2.input_quant
         fc2c = self.codes(q)
+        table = act.table()
+        if table is None:
+            raise IntegerUnsupported(f"{fc2c.point}: GELU's table needs fc2's input on one grid (per tensor)")
         # The grid's real values are lo + i * step: zero point -lo / step.
         grid = Codes(None, "uniform", np.asarray(table.step), np.asarray(-table.lo / table.step), table.size - 1)
         terms, offset = fc1.onto(table.step)

@@ -13,40 +13,30 @@ with ``|delta| <= (sum_i |x_i| + 1) / 2^(sh + 1)`` (each of ``M_i`` and ``R`` is
 The division by ``2^sh`` is a floor (an arithmetic right shift). Zero points are folded into ``R``
 (``x_i`` are the stored codes), so every term is one multiply-add.
 
-The products are exact in int64 (:func:`requantize` checks the bound the lowering computed); the ONNX
-form uses int32 wherever the bound allows it (:mod:`utils.integer_onnx`).
+The products are exact in int64: the lowering picks ``sh`` so that every ``|M_i x_i|`` and their sum stay
+below :data:`INT64_BOUND` for the inputs' ranges (:meth:`models.integer.builder.Builder.requant`).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["INT64_BOUND", "fixed_point", "requantize", "shift_for"]
+from models.integer import IntegerUnsupported
+
+__all__ = ["INT64_BOUND", "fixed_point", "requantize"]
 
 # Every intermediate of the program stays below this in magnitude (int64 with one bit to spare).
 INT64_BOUND = 2**62
-
-
-def shift_for(largest: float, bits: int) -> int:
-    """The shift ``sh`` with ``largest * 2^sh`` in ``[2^(bits - 1), 2^bits)``: ``bits`` significant bits
-    for the largest multiplier (0 or a non-finite value: ``bits``)."""
-    if not largest > 0 or not math.isfinite(largest):
-        return bits
-    sh = bits - 1 - math.floor(math.log2(largest))
-    while round(largest * 2.0**sh) >= 2**bits:  # rint at the top of the range
-        sh -= 1
-    return sh
 
 
 def fixed_point(values: np.ndarray | float, sh: int) -> np.ndarray:
     """``rint(values * 2^sh)`` as int64 (round half to even; exact for |values * 2^sh| < 2^53)."""
     scaled = np.rint(np.asarray(values, dtype=np.float64) * 2.0**sh)
     if not np.all(np.abs(scaled) < INT64_BOUND):
-        raise OverflowError(f"a constant scaled by 2^{sh} exceeds the int64 range of the program")
+        raise IntegerUnsupported(f"a constant scaled by 2^{sh} exceeds the int64 range of the program")
     return scaled.astype(np.int64)
 
 

@@ -13,14 +13,9 @@ below ``lo`` at most 1.5e-6. With fc2's 8-bit grid over ~10 units, ``step`` is ~
 fc2's step. The fake-quant model (:class:`~models.ptq.layers.SmoothedGELU` with the recipe's
 ``integer_gelu``) quantizes fc1's output onto the same index grid, so it rounds where the program does.
 
-Chosen on held-out calibration images (``bench/holdout_split.py``, DeiT-tiny, logit cosine with FP32;
-docs/integer.md): the 12-bit table 0.9794 and 0.9964 for ``fqvit_w8a8_att8`` and
-``fqvit_plus_w8a8_r10``, float GELU 0.9793 and 0.9965, an integer polynomial of degree 6 (max error
-0.0012) 0.9794 and 0.9965, I-BERT's second-order i-GELU (error 0.018) 0.9745 (``fqvit_w8a8_att8``).
-With accuracy tied, the table wins on cost: one gather that also performs fc2's quantization, where
-the polynomial needs about twenty integer passes over fc1's output and a requantization after them
-(ONNX Runtime: ~3x the time), and 4 KB per layer is within an NPU's or a microcontroller's reach. An
-8-bit table costs accuracy (0.9772 and 0.9961), 10 to 16 bits do not.
+Why a table (chosen on held-out calibration images; docs/integer.md has the measurements): as faithful
+as float GELU and an integer polynomial, and one gather that also performs fc2's quantization, where
+the polynomial takes about twenty integer passes; 4 KB a layer fits an NPU or a microcontroller.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.integer.program import Node, Program, run
-from models.integer.softmax import _MANTISSA
+from models.integer.softmax import MANTISSA_LOG2
 
 __all__ = ["FORMAT", "node_record", "write_golden"]
 
@@ -61,7 +61,10 @@ def _grid(program: Program, name: str) -> dict | None:
     grid = program.values[name].grid
     if grid is None:
         return None
-    return {"kind": grid.kind, "scale": np.asarray(grid.scale, np.float64).tolist(), "zero": np.asarray(grid.zero, np.float64).tolist()}
+    out = {"kind": grid.kind, "scale": np.asarray(grid.scale, np.float64).tolist(), "zero": np.asarray(grid.zero, np.float64).tolist()}
+    if grid.fine is not None:
+        out["fine"] = np.asarray(grid.fine, np.float64).tolist()
+    return out
 
 
 def write_golden(program: Program, images: torch.Tensor, folder: Path) -> dict:
@@ -89,7 +92,7 @@ def write_golden(program: Program, images: torch.Tensor, folder: Path) -> dict:
         "images": len(images),
         "input": program.input,
         "output": program.output,
-        "log2_mantissa_fit": dataclasses.asdict(_MANTISSA),
+        "log2_mantissa_fit": dataclasses.asdict(MANTISSA_LOG2),
         "nodes": nodes,
         "tensors": {name: {"dtype": str(tensors[name].dtype), "shape": list(tensors[name].shape), "grid": _grid(program, name),
                            "point": program.values[name].point} for name in tensors},  # fmt: skip

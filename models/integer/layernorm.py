@@ -3,7 +3,7 @@
 The residual stream arrives as codes ``u_c`` with a zero point ``z_c`` and a scale ``s * 2^alpha_c`` per
 channel (the PTF), so ``X_c = (u_c - z_c) << alpha_c`` is every channel on the one grid ``s``:
 
-    S = sum_c X_c (int32),  Q = sum_c X_c^2 (int64: the one accumulation that needs it),
+    S = sum_c X_c (int32),  Q = sum_c X_c^2 (int64; int32 runs where their bound allows),
     D = C Q - S^2 + E = C^2 (var + eps) / s^2,  E = rint(C^2 eps / s^2),
     sigma = max(isqrt(D * 4^f), 1) ~= 2^f sqrt(D)                       (models.integer.isqrt, exact)
     y_c = clamp( floor( ((C X_c - S) G_c 2^f + H_c sigma) / (sigma 2^g) ), lo, hi )
@@ -66,13 +66,12 @@ class IntLayerNorm:
         return len(self.zero)
 
     @classmethod
-    def for_grids(cls, in_scale: np.ndarray, in_zero: np.ndarray, code_max: int, weight: np.ndarray | None, bias: np.ndarray | None,
+    def for_grids(cls, c: int, in_scale: np.ndarray, in_zero: np.ndarray, code_max: int, weight: np.ndarray | None, bias: np.ndarray | None,
                   eps: float, out_scale: np.ndarray, out_zero: np.ndarray, lo: int, hi: int) -> "IntLayerNorm | None":  # fmt: skip
-        """From the input grid (per-channel scales - power-of-two multiples of one step - and stored zero
-        points, codes ``0 .. code_max``), the affine (None: 1 and 0) and the output grid (stored zero
-        points; ``[lo, hi]`` its stored codes); None when the input scales are not PTF steps."""
+        """For ``c`` channels, from the input grid (per-channel scales - power-of-two multiples of one step -
+        and stored zero points, codes ``0 .. code_max``), the affine (None: 1 and 0) and the output grid
+        (stored zero points; ``[lo, hi]`` its stored codes); None when the input scales are not PTF steps."""
         in_scale = np.asarray(in_scale, np.float64)
-        c = len(weight) if weight is not None else (len(bias) if bias is not None else in_scale.size)
         steps = ptf_steps(np.broadcast_to(in_scale, (c,)))
         if steps is None:
             return None

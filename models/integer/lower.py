@@ -28,13 +28,14 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.integer.builder import Branch, Builder, Codes, IntegerUnsupported
+from models.integer import IntegerUnsupported
+from models.integer.builder import Branch, Builder, Codes
 from models.integer.lower_swin import lower_swin
 from models.integer.program import Program
 from models.ptq.layers import QuantLayerNorm
 from models.quant_vit import QVit
 
-__all__ = ["LOWERINGS", "IntegerUnsupported", "lower"]
+__all__ = ["LOWERINGS", "lower"]
 
 def lower(qvit: QVit) -> Program:
     """The integer program of a calibrated QVit (CPU constants; run it with :func:`models.integer.program.run`)."""
@@ -56,8 +57,8 @@ def _check_vit(model: VisionTransformer) -> None:
     conv = pe.proj
     if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
         raise IntegerUnsupported("a dynamic image size has no static integer program")
-    if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1 or not pe.flatten:
-        raise IntegerUnsupported("patch_embed.proj: the integer program's patch embedding needs kernel = stride, no padding")
+    if not pe.flatten:
+        raise IntegerUnsupported("patch_embed: the integer program needs the patches flattened into tokens")
     if not isinstance(pe.norm, nn.Identity):
         raise IntegerUnsupported("patch_embed.norm: a LayerNorm in the patch embedding is not lowered for ViTs")
     if getattr(model, "attn_pool", None) is not None:
@@ -77,11 +78,11 @@ def _layer_scale(ls: nn.Module, width: int) -> np.ndarray:
 
 
 def _quantize_constant(x: torch.Tensor, q) -> np.ndarray:
-    """Stored codes of a constant float tensor on ``q``'s grid, with the fake-quant model's float32 rounding."""
-    scale = q.broadcast(q.scale, x).float()
-    zero = q.broadcast(q.zero_point, x).float()
+    """Stored codes of a constant float tensor on ``q``'s grid, rounded in float64 as the simulation does."""
+    scale = q.broadcast(q.scale, x).double()
+    zero = q.broadcast(q.zero_point, x).double()
     bt = q.spec.bit_type
-    stored = (x.float() / scale).round().clamp(bt.qmin - zero, bt.qmax - zero) + zero - bt.qmin
+    stored = (x.double() / scale).round().clamp(bt.qmin - zero, bt.qmax - zero) + zero - bt.qmin
     return stored.cpu().numpy().astype(np.int64)
 
 
@@ -115,16 +116,15 @@ def lower_vit(qvit: QVit) -> Program:
     b.stage("embed")
     image = b.value("image", "float32", -math.inf, math.inf)
     pe = model.patch_embed
-    codes = b.quantize("patch_embed.proj.input", image.name, b.codes(pe.proj.input_quant))
+    patch = b.patches(image.name, pe.proj)
     kh, kw = pe.proj.kernel_size
     ch, dim = pe.proj.in_channels, pe.proj.out_channels
     image_size = pe.img_size
     patches_n = (image_size[0] // kh) * (image_size[1] // kw)
-    patch = b.value("patch_embed.patches", "uint8", 0, b.values[codes].hi, b.values[codes].grid)
-    b.emit(patch.name, "im2col", [codes], [patch], {"kernel": [kh, kw]})
-    proj = b.linear("patch_embed.proj", patch.name, pe.proj)
+    proj = b.linear("patch_embed.proj", patch, pe.proj)
     # What _pos_embed adds: prefix tokens (class, distillation, registers) and the position embedding.
-    embed = model._pos_embed(torch.zeros(1, patches_n, dim, device=pe.proj.weight.device))[0]
+    # In float64, as the simulation adds them (the class token and position embedding are float32).
+    embed = model._pos_embed(torch.zeros(1, patches_n, dim, dtype=torch.float64, device=pe.proj.weight.device))[0]
     prefix = embed.shape[0] - patches_n
     first = model.norm_pre if isinstance(model.norm_pre, QuantLayerNorm) else model.blocks[0].norm1
     fc = b.codes(first.input_quant)

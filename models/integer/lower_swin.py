@@ -26,7 +26,8 @@ import numpy as np
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from models.integer.builder import Builder, Codes, IntegerUnsupported
+from models.integer import IntegerUnsupported
+from models.integer.builder import Builder, Codes
 from models.integer.program import Grid, Program
 from models.quant_vit import QVit
 
@@ -121,8 +122,8 @@ def lower_swin(qvit: QVit) -> Program:
     model: SwinTransformer = qvit.model
     pe = model.patch_embed
     conv = pe.proj
-    if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or getattr(pe, "dynamic_img_pad", False):
-        raise IntegerUnsupported("patch_embed.proj: the integer program's patch embedding needs kernel = stride, no padding")
+    if getattr(pe, "dynamic_img_pad", False):
+        raise IntegerUnsupported("patch_embed: a dynamic image padding has no static integer program")
     if getattr(model, "absolute_pos_embed", None) is not None:
         raise IntegerUnsupported("an absolute position embedding (ape) is not lowered for Swin")
     if model.head.global_pool.pool_type != "avg":
@@ -130,14 +131,11 @@ def lower_swin(qvit: QVit) -> Program:
     b = Builder(qvit)
     b.stage("embed")
     image = b.value("image", "float32", -math.inf, math.inf)
-    codes = b.quantize("patch_embed.proj.input", image.name, b.codes(conv.input_quant))
-    kh, kw = conv.kernel_size
+    patch = b.patches(image.name, conv)
     gh, gw = pe.grid_size
     c = conv.out_channels
-    patch = b.value("patch_embed.patches", "uint8", 0, b.values[codes].hi, b.values[codes].grid)
-    b.emit(patch.name, "im2col", [codes], [patch], {"kernel": [kh, kw]})
     pc = b.codes(pe.norm.input_quant)
-    terms, offset = b.linear("patch_embed.proj", patch.name, conv).onto(pc.scale)
+    terms, offset = b.linear("patch_embed.proj", patch, conv).onto(pc.scale)
     x = b.requant("patch_embed.norm.input", terms, offset, pc, layout=False)
     x = b.reshape("patch_embed.norm.input.layout", x, [-1, gh, gw, c], point=pc.point)
     sequence = qvit.block_sequence()
@@ -156,7 +154,7 @@ def lower_swin(qvit: QVit) -> Program:
     fc = model.head.fc
     hc = b.codes(fc.input_quant)
     h, w = model.layers[-1].blocks[-1].input_resolution
-    fine = Codes.fixed(float(hc.scale) / 2**POOL_FRACTION, 0, 0)
+    fine = Codes.fixed(float(hc.scale) / 2**POOL_FRACTION)
     limit = 2**31 // (h * w) - 1  # the token sum stays in int32
     x = b.layernorm("norm", x, model.norm, fine, -limit, limit)
     total = b.value("head.pool", "int32", -limit * h * w, limit * h * w, fine.grid)

@@ -3,8 +3,8 @@
 The program's GEMMs (FQ-ViT, arXiv 2111.13824: int8 x int8 accumulated in int32) have one exact answer;
 this module computes it with whatever kernel the device has:
 
-* an 8-bit operand pair through ``torch._int_mm`` (int8 x int8 -> int32; on CUDA where its shape rules
-  hold: more than 16 rows, inner and outer sizes multiples of 8). Unsigned codes ``u`` with zero point
+* an 8-bit operand pair through ``torch._int_mm`` (int8 x int8 -> int32) on the CPU, and on CUDA where
+  its shape rules hold (more than 16 rows, inner and outer sizes multiples of 8). Unsigned codes ``u`` with zero point
   ``z`` enter as ``u - 128`` (int8) and the difference ``(128 - z) * sum_k b_k`` is added back, in int32;
 * otherwise float32 when every partial sum is an integer below 2^24 in magnitude (then no rounding
   happens, whatever the summation order: ``bound`` is ``K * max|a - za| * max|b - zb|``), else float64

@@ -8,7 +8,7 @@ arithmetic, its rounding and its error bounds are in the modules named below; wh
                   ONNX's QuantizeLinear (the program's one float operation on its input);
 ``im2col``        image codes ``[B, C, H, W]`` cut into patches ``[B, H/kh * W/kw, C*kh*kw]`` (the patch
                   embedding's convolution, whose kernel is its stride, as a GEMM);
-``linear``        ``sum_k (x_k - x_zero) W_kn + bias_n`` into int32 (:mod:`~models.integer.matmul`);
+``linear``        ``sum_k (x_k - x_zero) W_kn`` into int32 (biases are in the requantization's offset) (:mod:`~models.integer.matmul`);
 ``matmul``        ``(a - a_zero) @ (b - b_zero)`` of two activations into int32;
 ``requant``       ``clamp(floor((sum_i M_i x_i + R) / 2^sh), lo, hi)`` (:mod:`~models.integer.dyadic`);
 ``layernorm``     :mod:`~models.integer.layernorm`;
@@ -23,17 +23,20 @@ arithmetic, its rounding and its error bounds are in the modules named below; wh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from models.integer.dyadic import requantize
 from models.integer.matmul import linear_int, matmul_int
-from models.integer.program import Node
+
+if TYPE_CHECKING:  # program.py imports this module
+    from models.integer.program import Node
 
 __all__ = ["OPS"]
 
-Op = Callable[[Node, list[Tensor], dict[str, Tensor]], list[Tensor]]
+Op = Callable[["Node", list[Tensor], dict[str, Tensor]], list[Tensor]]
 OPS: dict[str, Op] = {}
 
 
@@ -62,8 +65,7 @@ def _im2col(node: Node, inputs: list[Tensor], c: dict[str, Tensor]) -> list[Tens
 
 @op("linear")
 def _linear(node: Node, inputs: list[Tensor], c: dict[str, Tensor]) -> list[Tensor]:
-    out = linear_int(inputs[0], node.attrs["x_zero"], c["weight"].to(torch.int8))
-    return [out + c["bias"].to(torch.int32) if "bias" in c else out]
+    return [linear_int(inputs[0], node.attrs["x_zero"], c["weight"])]
 
 
 @op("matmul")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.integer.ops import OPS
+
 __all__ = ["Grid", "Node", "Program", "Value", "run", "TORCH_STORAGE"]
 
 # How each integer type of the program is held in PyTorch (uint16 as int32: few ops take torch.uint16).
@@ -29,7 +31,6 @@ TORCH_STORAGE = {
     "uint8": torch.uint8, "int8": torch.int8, "uint16": torch.int32, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
     "float32": torch.float32,
 }  # fmt: skip
-INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
 
 
 @dataclass
@@ -107,10 +108,12 @@ class Program:
         return last
 
     def constants(self, device: torch.device) -> list[dict[str, Tensor]]:
-        """Every node's constants as tensors on ``device`` (int64, or float32 for float ones)."""
+        """Every node's constants as tensors on ``device``: int8 weights as they are, other integers as
+        int64 (the arithmetic's type), float ones as they are."""
         out = []
         for node in self.nodes:
-            out.append({k: torch.as_tensor(v if v.dtype.kind == "f" else v.astype(np.int64), device=device) for k, v in node.consts.items()})
+            out.append({k: torch.as_tensor(v if v.dtype.kind == "f" or v.dtype == np.int8 else v.astype(np.int64), device=device)
+                        for k, v in node.consts.items()})  # fmt: skip
         return out
 
 
@@ -122,8 +125,6 @@ def run(program: Program, images: Tensor, record: Recorder | None = None, stop: 
     """Execute nodes ``start .. stop`` of ``program`` (all by default) on ``images`` (float, on the device
     that runs it) and return the values still live; ``record(index, node, inputs, outputs)`` sees every
     node. ``env`` carries live values between partial runs (the profiler's stages)."""
-    from models.integer.ops import OPS
-
     device = images.device
     constants = constants if constants is not None else program.constants(device)
     env = {program.input: images} if env is None else env

@@ -79,6 +79,11 @@ class IExp:
         """``exp_int(0)``, the largest value."""
         return self.b * self.b + self.c
 
+    @property
+    def norm_shift(self) -> int:
+        """``rsh``: ``exp_int >> rsh`` keeps ``NORM_BITS`` bits of the largest value."""
+        return max(0, self.peak.bit_length() - NORM_BITS)
+
     def fine(self, d: Tensor) -> Tensor:
         return torch.bitwise_left_shift(d, self.shift) if self.shift >= 0 else torch.bitwise_right_shift(d, -self.shift)
 
@@ -120,7 +125,7 @@ class Log2Fit:
         return p
 
 
-_MANTISSA = Log2Fit.fit(2**15, 2**16 - 1)  # log2 of m in [2^15, 2^16)
+MANTISSA_LOG2 = Log2Fit.fit(2**15, 2**16 - 1)  # log2 of m in [2^15, 2^16)
 
 
 def log2_fixed(v: Tensor) -> Tensor:
@@ -128,7 +133,7 @@ def log2_fixed(v: Tensor) -> Tensor:
     length, and the cubic on the 16-bit mantissa."""
     n = bit_length(v)
     m = torch.bitwise_right_shift(torch.bitwise_left_shift(v, (16 - n).clamp(min=0)), (n - 16).clamp(min=0))
-    return (n - 16) * 2**LOG2_FRACTION + _MANTISSA(m)
+    return (n - 16) * 2**LOG2_FRACTION + MANTISSA_LOG2(m)
 
 
 @dataclass(frozen=True)
@@ -173,22 +178,20 @@ class IntSoftmax:
     @classmethod
     def uniform(cls, score_scale: float, out_scale: float, zero: int, hi: int) -> "IntSoftmax":
         iexp = IExp.for_scale(score_scale)
-        return cls(iexp, max(0, iexp.peak.bit_length() - NORM_BITS), "uniform", hi, norm=Normaliser.onto(out_scale, zero))
+        return cls(iexp, iexp.norm_shift, "uniform", hi, norm=Normaliser.onto(out_scale, zero))
 
     @classmethod
     def twin(cls, score_scale: float, coarse: float, fine: float, top: int) -> "IntSoftmax":
         """Codes ``f`` (``f <= top``, the fine step) or ``top + 1 + k`` (``k <= top``, the coarse step):
         the fine code where it fits, as the twin grid rounds (models/ptq/quantizers.py)."""
         iexp = IExp.for_scale(score_scale)
-        rsh = max(0, iexp.peak.bit_length() - NORM_BITS)
-        return cls(iexp, rsh, "twin", 2 * top + 1, norm=Normaliser.onto(coarse), fine=Normaliser.onto(fine), top=top)
+        return cls(iexp, iexp.norm_shift, "twin", 2 * top + 1, norm=Normaliser.onto(coarse), fine=Normaliser.onto(fine), top=top)
 
     @classmethod
     def log2(cls, score_scale: float, exponent: int, hi: int) -> "IntSoftmax":
         iexp = IExp.for_scale(score_scale)
-        rsh = max(0, iexp.peak.bit_length() - NORM_BITS)
         low = (iexp.b - iexp.ln2 + 1) ** 2 + iexp.c  # poly at the smallest r
-        return cls(iexp, rsh, "log2", hi, exponent=exponent, poly_log2=Log2Fit.fit(low, iexp.peak))
+        return cls(iexp, iexp.norm_shift, "log2", hi, exponent=exponent, poly_log2=Log2Fit.fit(low, iexp.peak))
 
     def codes(self, d: Tensor) -> Tensor:
         """Stored codes (int64) of the scores ``d`` (int64, each row's maximum 0, masked entries far below)."""

@@ -154,8 +154,8 @@ class QuantLayerNorm(nn.LayerNorm):
         bt = q.spec.bit_type
         zero = np.rint(q.zero_point.detach().double().cpu().numpy()).astype(np.int64) - bt.qmin
         affine = [None if p is None else p.detach().double().cpu().numpy() for p in (self.weight, self.bias)]
-        return IntLayerNorm.for_grids(q.scale.detach().double().cpu().numpy(), zero, bt.qmax - bt.qmin, *affine, self.eps,
-                                      out_scale, out_zero, lo, hi)  # fmt: skip
+        scale = q.scale.detach().double().cpu().numpy()
+        return IntLayerNorm.for_grids(self.normalized_shape[-1], scale, zero, bt.qmax - bt.qmin, *affine, self.eps, out_scale, out_zero, lo, hi)
 
     def _simulated(self, x: Tensor) -> Tensor | None:
         """The integer LayerNorm's output values, in the float64 run of a quantized model whose reader
@@ -163,10 +163,10 @@ class QuantLayerNorm(nn.LayerNorm):
         q, out = self.input_quant, _reader_quantizer(self)
         if x.dtype != torch.float64 or q.state.mode is not QuantMode.QUANT or out is None or not (q.enabled and out.enabled):
             return None
-        if not out.method.learnable_scale or not out.static_grid:
+        if not out.method.uniform_levels or not out.static_grid:
             return None
         bt, bt_out = q.spec.bit_type, out.spec.bit_type
-        key = tuple(float(t.double().sum()) for t in (q.scale, q.zero_point, out.scale, out.zero_point))
+        key = (id(q), q.grid_key, id(out), out.grid_key)  # a recipe's layers may replace a quantizer
         if self._integer_cache is None or self._integer_cache[0] != key:
             out_scale = out.scale.detach().double().cpu().numpy()
             out_zero = np.rint(out.zero_point.detach().double().cpu().numpy()) - bt_out.qmin
@@ -220,19 +220,20 @@ class SmoothedGELU(nn.GELU):
         with torch.inference_mode(False):
             self.channel_scale = scale.detach().clone()
 
-    def table(self) -> GeluTable:
-        """The index grid of the integer program's GELU table: up to one step above fc2's top level."""
+    def table(self) -> GeluTable | None:
+        """The index grid of the integer program's GELU table, up to one step above fc2's top level; None
+        without a reader (a timm Mlp links fc2) on one static grid."""
         q = _reader_quantizer(self)
-        if q is None:
-            raise RuntimeError("an integer GELU needs the fc2 that reads it (a timm Mlp links them)")
+        if q is None or not q.enabled or q.per_channel or not q.static_grid:
+            return None
         top = q.method.grid_bounds(q.scale_value, q.zero_point_value, q.spec.bit_type)[1]
         return GeluTable.up_to(float(top) + q.scale_value)
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
         # The table's entries are fc2's input codes: it is on where that point is.
-        if self.integer and self.state.mode is QuantMode.QUANT and _reader_quantizer(self).enabled:
-            table = self.table()
+        table = self.table() if self.integer and self.state.mode is QuantMode.QUANT else None
+        if table is not None:
             exact = table.values(table.index(x.detach())).to(y.dtype)
             y = y + (exact - y).detach() if y.requires_grad else exact
         return y if self.channel_scale is None else y / self.channel_scale
@@ -288,7 +289,7 @@ class QuantSoftmax(nn.Softmax):
             method = out.method
             if method.log_domain and method.power_of_two_scale and method.step == 1.0:
                 program = IntSoftmax.log2(key[0], round(math.log2(key[1])), method.max_code(bt) + 1)
-            elif method.learnable_scale:  # a uniform grid, (code - zero) * scale
+            elif method.uniform_levels:
                 program = IntSoftmax.uniform(key[0], key[1], round(key[2]) - bt.qmin, bt.qmax - bt.qmin)
             elif method.twin_regions and not bt.symmetric:  # PTQ4ViT's post-softmax twin grid
                 program = IntSoftmax.twin(key[0], key[1], float(method.fine_step(key[1], key[2])), method.region_top(bt))

@@ -57,6 +57,7 @@ class QuantMethod:
     learnable_rounding = False  # levels (q - zp) * s with integer q: a weight may round down or up by a learned choice
     learnable_scale = False  # (clamp(round(x / s) + zp, qmin, qmax) - zp) * s: s can learn through straight-through rounding (LSQ)
     twin_regions = False  # two uniform grids, s and s * 2^-m (m in the zero-point slot), chosen by the code
+    uniform_levels = False  # levels (q - zp) * s, q integer: an integer program stores q as it is
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -78,6 +79,7 @@ class UniformQuantizer(QuantMethod):
     qdq_exportable = True
     learnable_rounding = True
     learnable_scale = True
+    uniform_levels = True
 
     def qparams(self, lo: Tensor, hi: Tensor, bit_type: BitTypeConfig) -> tuple[Tensor, Tensor]:
         lo, hi = lo.float(), hi.float()

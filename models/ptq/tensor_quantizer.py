@@ -100,6 +100,7 @@ class TensorQuantizer(nn.Module):
         self._wide: tuple[Any, Tensor] | None = None  # the cached weight in another dtype (as_dtype)
         # Per-tensor scale and uniform zero points as Python floats: the fast path, read back once.
         self._args_key: tuple[int, int] | None = None
+        self._generation = 0  # counts the calibrations, rescalings and loads (see grid_key)
         self._scale_float: float | None = None
         self._zp_float: float | None = None
         self.method = self.observer = self.ptf = None
@@ -207,6 +208,7 @@ class TensorQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self._ready = True
         self._cache = self._args_key = self._wide = None
+        self._generation += 1
         self.rounded = None  # chosen on the previous grid
         self.reset_observer()  # the statistics are no longer needed; free them
         return True
@@ -216,6 +218,7 @@ class TensorQuantizer(nn.Module):
         """Multiply the calibrated scale by ``ratio``, keeping the zero point (the range becomes ``ratio * [lo, hi]``)."""
         self.scale.mul_(ratio)
         self._cache = self._args_key = self._wide = None  # inference-mode buffers carry no version to notice the change
+        self._generation += 1
 
     @torch.no_grad()
     def set_rounded(self, value: Tensor | None) -> None:
@@ -233,6 +236,7 @@ class TensorQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.calibrated)
         self._cache = self._args_key = self._wide = None
+        self._generation += 1
 
     # -- quantization ------------------------------------------------------------------------------
     def broadcast(self, t: Tensor, x: Tensor) -> Tensor:
@@ -253,6 +257,11 @@ class TensorQuantizer(nn.Module):
         # PTF and symmetric per-channel grids share one zero point: scalar clamp bounds are much faster.
         self._zp_float = float(zp[0]) if bool((zp == zp[0]).all()) else None
         self._args_key = key
+
+    @property
+    def grid_key(self) -> tuple[int, int, int]:
+        """Changes whenever the grid (scale or zero point) may have: a key for what is derived from it."""
+        return self._generation, _version(self.scale), _version(self.zero_point)
 
     @property
     def scale_value(self) -> float:
@@ -292,7 +301,7 @@ class TensorQuantizer(nn.Module):
     def as_dtype(self, value: Tensor, dtype: torch.dtype) -> Tensor:
         """This weight's quantized ``value`` (what :meth:`forward` returned) in ``dtype``: its codes times its
         scale computed in ``dtype``, so float64 holds the grid's levels exactly where float32 rounds them."""
-        if not (self.is_weight and self.enabled and self._ready):
+        if not (self.is_weight and self.enabled and self._ready and self.method.uniform_levels):
             return value.to(dtype)
         key = (value.data_ptr(), _version(value), dtype)
         if self._wide is None or self._wide[0] != key:
