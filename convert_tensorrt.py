@@ -364,12 +364,11 @@ def integer_program(qvit):
 def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: list[int]) -> Path:
     """--integer-only: int_only.onnx, simplified and checked integer-only, verified against the PyTorch
     integer executor in ONNX Runtime, timed against fp32.onnx, and golden vectors with --golden."""
-    import onnx
     import torch
 
     from models.integer.golden import write_golden
     from models.integer.program import run as run_program
-    from utils.integer_onnx import float_tensors
+    from utils.integer_onnx import float_tensors, save_int_only
     from utils.onnx_export import export_onnx, simplify
     from utils.run_dir import RunDir, write_json_atomic
     from utils.runtimes import load_model as load_runtime_model
@@ -386,22 +385,19 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
         report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "integer_only": True}
         print(f"[1/3] export: {qvit.recipe.name}'s integer program ({len(program.nodes)} integer operations) to int_only.onnx, and fp32.onnx")
         export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=args.opset)
-        onnx.checker.check_model(int_only)
-        onnx.save(int_only, str(folder / "int_only.raw.onnx"))
         print("[2/3] simplify and check")
-        tools = [simplify(folder / f"{name}.raw.onnx", folder / f"{name}.onnx") for name in ("fp32", "int_only")]
-        for name in ("fp32", "int_only"):
-            (folder / f"{name}.raw.onnx").unlink()
-        model = onnx.load(str(folder / "int_only.onnx"))
+        simplify(folder / "fp32.raw.onnx", folder / "fp32.onnx")
+        (folder / "fp32.raw.onnx").unlink()
+        model, tool = save_int_only(int_only, folder / "int_only.onnx")
         floats = float_tensors(model)
         if floats:
             raise RuntimeError(f"int_only.onnx holds float tensors after simplification: {', '.join(floats[:5])}")
         sizes = {name: (folder / f"{name}.onnx").stat().st_size for name in ("fp32", "int_only")}
         ops = sorted({n.op_type for n in model.graph.node})
-        print(f"      {tools[1]}; onnx.checker passed; shape inference: every tensor between QuantizeLinear and DequantizeLinear is an integer")
+        print(f"      {tool}; onnx.checker passed; shape inference: every tensor between QuantizeLinear and DequantizeLinear is an integer")
         print(f"      {len(model.graph.node)} nodes of {len(ops)} standard operators ({', '.join(ops)})")
         print(f"      int_only.onnx {sizes['int_only'] / 2**20:.1f} MiB = {sizes['int_only'] / sizes['fp32']:.3f}x fp32.onnx")
-        report.update(simplifier=tools[1], nodes=len(model.graph.node), operators=ops, bytes=sizes)
+        report.update(simplifier=tool, nodes=len(model.graph.node), operators=ops, bytes=sizes)
         loader, source = verification_images(args, data_config, size)
         print(f"[3/3] verify in ONNX Runtime on {source}")
         compiled = {"fp32": load_runtime_model("ort", folder / "fp32.onnx", args.threads), "int_only": load_runtime_model("ort", folder / "int_only.onnx", args.threads)}

@@ -20,7 +20,6 @@ writes every number.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from bench.deploy_systems import cpu_name, parse_list, step
 from models.integer import IntegerUnsupported
 from quant_config import ConfigError, load_recipe
 from utils.errors import ArgumentParser, UserError, parse_batches, run_script
+from utils.run_dir import write_json_atomic
 from utils.runtimes import load_model
 from utils.timing import timed_pairs
 
@@ -74,7 +74,7 @@ def bench_model(model_name: str, args: argparse.Namespace, batches: list[int], f
     from models.integer.lower import lower
     from models.integer.program import run as run_program
     from utils.engine import calibrate
-    from utils.integer_onnx import write_int_only
+    from utils.integer_onnx import save_int_only
     from utils.onnx_export import export_onnx, simplify
     from utils.runtimes import save_deployed
 
@@ -89,8 +89,7 @@ def bench_model(model_name: str, args: argparse.Namespace, batches: list[int], f
         calibrate(qvit, [(x, None, 0) for x in calib], torch.device("cpu"), progress=False)
         if recipe == args.recipe:
             program = lower(qvit)
-            write_int_only(program, folder / "int_only.raw.onnx")
-            simplify(folder / "int_only.raw.onnx", folder / "int_only.onnx")
+            save_int_only(program, folder / "int_only.onnx")
             export_onnx(qvit, folder / "fp32.raw.onnx", (224, 224), quantized=False)
             simplify(folder / "fp32.raw.onnx", folder / "fp32.onnx")
             files.update(fp32=folder / "fp32.onnx", int_only=folder / "int_only.onnx")
@@ -146,6 +145,8 @@ def bench(args: argparse.Namespace) -> str:
         raise UserError(f"--recipe {args.recipe}: {refusal}")
     if args.data is not None and not (args.data / "train").is_dir():
         raise UserError(f"--data {args.data}: no train/ folder")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: no such directory {args.json.parent}")
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_integer-") as tmp:
@@ -155,7 +156,7 @@ def bench(args: argparse.Namespace) -> str:
             results.append(bench_model(model_name, args, batches, folder))
     meta = {"cpu": cpu_name(), "threads": args.threads, "recipe": args.recipe, "torch": torch.__version__}
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_json_atomic(args.json, {"meta": meta, "results": results})
     return f"{meta}\n" + table(results)
 
 

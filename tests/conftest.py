@@ -55,6 +55,19 @@ def make_tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:
     return model
 
 
+def make_tiny_distilled():
+    """A 2-block distilled DeiT (class and distillation tokens, two heads averaged) on 32x32 images."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    with torch.no_grad():
+        model.cls_token.normal_(0, 0.5)
+        model.dist_token.normal_(0, 0.5)
+        model.pos_embed.normal_(0, 0.2)
+    return model
+
+
 SWIN_SIZE = 56  # 14x14 patches of 4: two 7x7 windows a side in stage 0 (shifted blocks, so the mask), one in stage 1
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from timm.models.deit import VisionTransformerDistilled
 
-from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
+from conftest import SWIN_SIZE, calibrated, make_tiny_distilled, make_tiny_swin, make_tiny_vit, tiny_images
 from models.integer import IntegerUnsupported
 from models.integer.lower import lower
 from models.integer.program import run
@@ -100,13 +99,7 @@ def test_plus_recipe_features_are_integer_too(arch):
 
 
 def test_distilled_deit_averages_its_two_heads_in_integers():
-    torch.manual_seed(0)
-    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
-    with torch.no_grad():
-        model.cls_token.normal_(0, 0.5)
-        model.dist_token.normal_(0, 0.5)
-        model.pos_embed.normal_(0, 0.2)
-    program = _check_bit_exact(calibrated("fqvit_w8a8_att8", model=model), tiny_images(4, seed=5))
+    program = _check_bit_exact(calibrated("fqvit_w8a8_att8", model=make_tiny_distilled()), tiny_images(4, seed=5))
     logits_node = next(n for n in program.nodes if n.name == "logits")
     assert len(logits_node.inputs) == 2  # head and head_dist on one grid
 

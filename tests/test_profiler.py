@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.deit import VisionTransformerDistilled
 
-from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
+from conftest import SWIN_SIZE, calibrated, make_tiny_distilled, make_tiny_swin, make_tiny_vit, tiny_images
 from models.ptq.quantizers import Log2Quantizer
 from models.quant_vit import QVit
 from quant_config import load_recipe
@@ -284,7 +283,7 @@ def test_detail_statistics_cover_only_the_first_images():
         lambda: make_tiny_vit(),
         lambda: make_tiny_vit(global_pool="avg", fc_norm=True),
         lambda: make_tiny_vit(class_token=False, global_pool="avg"),
-        lambda: _distilled(),
+        make_tiny_distilled,
         lambda: make_tiny_swin(),
     ],
     ids=["vit", "avg-pool", "no-class-token", "deit-distilled", "swin"],
@@ -301,16 +300,6 @@ def test_lockstep_stages_reproduce_the_models_own_forward(make):
     with torch.inference_mode():
         staged_fp32, staged_quant = _Profiler(qvit, isolated=False, detail_samples=0)._lockstep(x)
     assert torch.equal(staged_fp32, fp32) and torch.equal(staged_quant, quant)
-
-
-def _distilled() -> VisionTransformerDistilled:
-    torch.manual_seed(0)
-    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
-    with torch.no_grad():
-        model.cls_token.normal_(0, 0.5)
-        model.dist_token.normal_(0, 0.5)
-        model.pos_embed.normal_(0, 0.2)
-    return model
 
 
 def test_histogram_bins_put_every_grid_point_in_a_bin_centre():
