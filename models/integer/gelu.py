@@ -55,6 +55,11 @@ class GeluTable:
         """``GELU(lo + i * step)`` in float64: what the table's entries quantize."""
         return F.gelu(self.lo + index.to(torch.float64) * self.step)
 
+    def lookup(self, x: Tensor) -> Tensor:
+        """GELU at each float ``x``'s grid point, in float64, gathered from the ``size`` values the program's
+        table is built from (one GELU per entry, not per element of ``x``)."""
+        return self.values(torch.arange(self.size, device=x.device))[self.index(x)]
+
     def error_bound(self) -> float:
         """``|GELU(x_i) - GELU(x)|`` for any ``x`` in ``[lo, hi]`` rounded to its grid point ``x_i``."""
         return MAX_SLOPE * self.step / 2 + math.ulp(1.0)

@@ -230,12 +230,15 @@ class SmoothedGELU(nn.GELU):
         return GeluTable.up_to(float(top) + q.scale_value)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
         # The table's entries are fc2's input codes: it is on where that point is.
         table = self.table() if self.integer and self.state.mode is QuantMode.QUANT else None
-        if table is not None:
-            exact = table.values(table.index(x.detach())).to(y.dtype)
-            y = y + (exact - y).detach() if y.requires_grad else exact
+        if table is None:
+            y = super().forward(x)
+        else:
+            y = table.lookup(x.detach()).to(x.dtype)
+            if x.requires_grad:  # the float GELU's gradient passes straight through the table
+                smooth = super().forward(x)
+                y = smooth + (y - smooth).detach()
         return y if self.channel_scale is None else y / self.channel_scale
 
 
