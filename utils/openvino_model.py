@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.onnx_graph import GraphEdit, QuantizedLinear, quantized_linears
+from utils.openvino_core import openvino_core
 from utils.qkv_split import FusedLinear, split_qkv
 
 __all__ = ["OpenVinoRewrite", "save_openvino_model"]
@@ -70,8 +71,6 @@ def save_openvino_model(source: Path, xml: Path) -> OpenVinoRewrite:
     ``.bin`` beside it), each fused qkv Linear as three. Returns what changed."""
     import onnx
     import openvino as ov
-
-    from utils.runtimes import openvino_core
 
     model = onnx.load(str(source))
     graph = GraphEdit(model)

@@ -13,7 +13,6 @@ PyTorch verified. TensorRT, which needs a GPU, lives in :mod:`utils.tensorrt_eng
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from collections import Counter
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+from utils.openvino_core import openvino_core
 
-__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "openvino_core", "save_deployed", "unavailable_reason", "ir_constant_types"]
+__all__ = ["RUNTIMES", "CPU_RUNTIMES", "Model", "load_model", "parse_runtimes", "save_deployed", "unavailable_reason", "ir_constant_types"]
 
 RUNTIMES = ("ort", "openvino", "tensorrt")
 CPU_RUNTIMES = ("ort", "openvino")
@@ -66,15 +66,6 @@ def _ort(path: Path, threads: int | None) -> Model:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"images": images})[0]
-
-
-@functools.cache
-def openvino_core():
-    """One OpenVINO Core per process, as OpenVINO advises: each Core loads its plugins, and compiled models
-    outliving the Core that made them have crashed the interpreter when collected later."""
-    import openvino as ov
-
-    return ov.Core()
 
 
 def _openvino(path: Path, threads: int | None) -> Model:

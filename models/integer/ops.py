@@ -23,20 +23,17 @@ arithmetic, its rounding and its error bounds are in the modules named below; wh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from models.integer.dyadic import requantize
 from models.integer.matmul import linear_int, matmul_int
-
-if TYPE_CHECKING:  # program.py imports this module
-    from models.integer.program import Node
+from models.integer.node import Node
 
 __all__ = ["OPS"]
 
-Op = Callable[["Node", list[Tensor], dict[str, Tensor]], list[Tensor]]
+Op = Callable[[Node, list[Tensor], dict[str, Tensor]], list[Tensor]]
 OPS: dict[str, Op] = {}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.integer.node import Node
 from models.integer.ops import OPS
 
 __all__ = ["Grid", "Node", "Program", "Value", "run", "TORCH_STORAGE"]
@@ -71,19 +72,6 @@ class Value:
     hi: int | float
     grid: Grid | None = None
     point: str | None = None
-
-
-@dataclass
-class Node:
-    """One integer operation: ``op`` (a key of :data:`models.integer.ops.OPS`) on ``inputs``, writing
-    ``outputs``; ``consts`` are its integer (for the two ends, float) arrays, ``attrs`` its scalars."""
-
-    name: str
-    op: str
-    inputs: list[str]
-    outputs: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    consts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
