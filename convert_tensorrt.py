@@ -281,6 +281,12 @@ def verify_step(args: argparse.Namespace, qvit, plan: list, folder: Path, runtim
     if labels is not None:
         report["pytorch_fp32_top1"] = top1_accuracy(reference_fp32, labels)
     fake_quant = report["pytorch_int8"]
+    if compiled:
+        from utils.int8_kernels import SATURATION_NOTE, int8_pairs_saturate
+
+        report["int8_pairs_saturate"] = int8_pairs_saturate()
+        if report["int8_pairs_saturate"]:
+            print(f"      warning: {SATURATION_NOTE}")
     print(f"      PyTorch fake-quant: top-1 agreement with FP32 {fake_quant['top1_agreement']:.4f}, logit cosine {fake_quant['logit_cosine_with_fp32']:.4f}"
           + (f", top-1 {fake_quant['top1']:.2f}% (FP32 {report['pytorch_fp32_top1']:.2f}%)" if labels is not None else ""))  # fmt: skip
     for runtime in compiled:

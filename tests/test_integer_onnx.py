@@ -7,7 +7,7 @@ import torch
 
 from conftest import SWIN_SIZE, calibrated, make_tiny_swin, make_tiny_vit, tiny_images
 from models.integer.lower import lower
-from models.integer.program import run
+from models.integer.program import Node, run
 from models.integer.softmax import IntSoftmax
 from utils import integer_onnx
 from utils.integer_onnx import float_tensors, write_int_only
@@ -41,6 +41,29 @@ def test_onnx_runtime_gives_the_pytorch_integers_after_simplification(case, tmp_
     got = session.run(None, {"images": x.numpy()})[0]
     assert np.array_equal(got, expected)  # the logits' scale is a power of two: equal floats, equal int32 logits
     assert np.array_equal(session.run(None, {"images": x[:1].numpy()})[0], expected[:1])  # dynamic batch
+
+
+def test_gemms_are_uint8_by_uint8_and_exact_at_the_extremes(tmp_path):
+    """Every MatMulInteger of int_only.onnx takes two uint8 operands (the int8 weight + 128, zero point 128):
+    uint8 x int8 kernels saturate pairs of products on x86 CPUs without VNNI (utils/int8_kernels.py).
+    A GEMM of the extreme codes (255 against weights 127 and -128) gives the exact integers here."""
+    program = lower(calibrated())
+    model = write_int_only(program, tmp_path / "int_only.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    weights = [n for n in gemms if n.input[1] in inits]
+    assert weights and all(inits[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in weights)
+    assert all(onnx.numpy_helper.to_array(inits[n.input[3]]) == integer_onnx.WEIGHT_ZERO for n in weights)
+    weight = np.tile(np.array([[127], [127], [-128], [-128]], np.int8), (16, 8))  # [64, 8]
+    g = integer_onnx._Graph()
+    y = integer_onnx.EMITTERS["linear"](g, Node("gemm", "linear", ["x"], ["y"], {"x_zero": 0}, {"weight": weight}), ["x"], program)[0]
+    graph = onnx.helper.make_graph(g.nodes, "gemm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [2, 64])],
+                                   [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.INT32, None)], g.initializers)  # fmt: skip
+    gemm = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", integer_onnx.OPSET)])
+    gemm.ir_version = 8
+    x = np.full((2, 64), 255, np.uint8)
+    got = ort.InferenceSession(gemm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(got, x.astype(np.int64) @ weight.astype(np.int64))
 
 
 def test_float_tensors_finds_a_float_inside(tmp_path):

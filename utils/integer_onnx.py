@@ -1,8 +1,8 @@
 """The integer program as standard ONNX: ``int_only.onnx`` (FQ-ViT, arXiv 2111.13824, every operation in integers).
 
 Each operation of a :class:`~models.integer.program.Program` becomes standard ONNX operators (no
-``com.microsoft`` ones, so TVM and hardware compilers read it): ``MatMulInteger`` for every GEMM of
-8-bit codes, ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``GatherElements``
+``com.microsoft`` ones, so TVM and hardware compilers read it): ``MatMulInteger`` of two uint8 operands
+for every GEMM of 8-bit codes (exact on every CPU), ``MatMul`` on int32 for attention x V on log2 codes' integer weights, ``GatherElements``
 for tables, and elementwise ``Mul``/``Add``/``Div``/``Mod``/``BitShift``/``Clip``/``Max``/``Min``/``Where`` on
 int32 and int64 tensors for the rest. Between the one ``QuantizeLinear`` of the float image and the
 one ``DequantizeLinear`` of the int32 logits every tensor is an integer type (:func:`float_tensors`
@@ -42,6 +42,7 @@ TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "uint16": TensorP
 I32, I64, U64, U32 = TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.UINT32
 EXP_TABLE_MAX = 2**16  # i-exp tables up to this many entries; finer score grids compute it elementwise
 INT32_SUMS = 2**31  # sums bounded below this are taken in int32
+WEIGHT_ZERO = 128  # GEMM weights are uint8 codes of this zero point (see _linear)
 
 
 class _Graph:
@@ -158,8 +159,12 @@ def _im2col(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str
 
 @emitter("linear")
 def _linear(g: _Graph, node: Node, ins: list[str], program: Program) -> list[str]:
-    weight = g.const(node.consts["weight"], np.int8, "weight")
-    return [g.op("MatMulInteger", [ins[0], weight, g.const(node.attrs["x_zero"], np.uint8, "zero")])]
+    # The int8 weight stored as uint8 + 128 with zero point 128 (the same products): uint8 x int8 kernels
+    # of x86 CPUs without VNNI (AVX2's vpmaddubsw) saturate pairs of products at int16, uint8 x uint8 ones
+    # are exact on every CPU.
+    weight = g.const(node.consts["weight"].astype(np.int16) + WEIGHT_ZERO, np.uint8, "weight")
+    zeros = [g.const(node.attrs["x_zero"], np.uint8, "zero"), g.const(WEIGHT_ZERO, np.uint8, "zero")]
+    return [g.op("MatMulInteger", [ins[0], weight, *zeros])]
 
 
 @emitter("matmul")
