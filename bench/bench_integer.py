@@ -160,8 +160,8 @@ def bench(args: argparse.Namespace) -> str:
     return f"{meta}\n" + table(results)
 
 
-def main() -> int:
-    return run_script(lambda: bench(build_parser().parse_args()), (UserError, ConfigError, IntegerUnsupported))
+def main(argv: list[str] | None = None) -> int:
+    return run_script(lambda: bench(build_parser().parse_args(argv)), (UserError, ConfigError, IntegerUnsupported))
 
 
 if __name__ == "__main__":

@@ -215,8 +215,8 @@ def crossval(args: argparse.Namespace) -> str:
     return report(meta, pooled, results) + (f"\n\nJSON: {args.json}" if args.json is not None else "")
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_script(lambda: crossval(args), (UserError, ConfigError))
 
 

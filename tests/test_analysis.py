@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, tiny_images
+from conftest import ROOT, run_in_process, tiny_images
 from models.quant_vit import QVit
 from quant_config import load_recipe
 from test_cli import assert_user_error, deit_tiny_run
@@ -150,7 +150,7 @@ def bad_copy(run_folder: Path, tmp_path: Path, edit) -> Path:
 )
 def test_bad_input(run_folder, tmp_path, edit, extra, pattern):
     target = bad_copy(run_folder, tmp_path, edit)
-    result = analyse(target, "--hessian-dir", tmp_path / "hessian", *extra)
+    result = run_in_process("result_analyze", target, "--hessian-dir", tmp_path / "hessian", *extra)  # test_missing_folders: a real process
     assert_user_error(result, tmp_path / "hessian", pattern)
     assert not [p for p in target.iterdir() if p.name.startswith(("plots", "report", ".plots"))]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, requires_shared
+from conftest import ROOT, exact_int8_kernels, requires_shared, run_in_process
 from test_cli import assert_user_error
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -93,9 +93,10 @@ def test_crossval_scores_the_pooled_logits_of_every_fold():
     (["--checkpoint", "/nonexistent/w.pth"], r"--checkpoint /nonexistent/w.pth: no such file"),
 ])  # fmt: skip
 def test_crossval_refuses_bad_arguments_in_one_line(args, message, tmp_path):
-    assert_user_error(crossval_cli(*args), tmp_path / "nothing", message)
+    assert_user_error(run_in_process("bench.crossval_deploy", *args), tmp_path / "nothing", message)
 
 
+@exact_int8_kernels
 @requires_shared
 @pytest.mark.shared
 @pytest.mark.slow

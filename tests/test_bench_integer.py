@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from test_cli import assert_user_error
 
 
@@ -19,5 +19,9 @@ from test_cli import assert_user_error
     (["--json", "/nonexistent/dir/out.json"], r"--json /nonexistent/dir/out.json: no such directory"),
 ])  # fmt: skip
 def test_bench_integer_refuses_bad_arguments_in_one_line(args, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.bench_integer", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert_user_error(result, tmp_path / "nothing", message)
+    assert_user_error(run_in_process("bench.bench_integer", *args), tmp_path / "nothing", message)
+
+
+def test_bench_integer_refusal_as_a_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.bench_integer", "--recipe", "nosuch"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_user_error(result, tmp_path / "nothing", r"config 'nosuch' not found")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from quant_config import load_recipe
 from utils.demo import make_imagenet_folder
 from utils.profiler import COLUMNS
@@ -23,6 +23,12 @@ MODEL = "deit_tiny_patch16_224"
 def run_cli(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "test_qvit.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def run_main(*args: object) -> subprocess.CompletedProcess:
+    """test_qvit.py's main in this process: for the error paths (test_empty_split and test_cuda_without_gpu
+    run a real process)."""
+    return run_in_process("test_qvit", *args)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +223,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
 )
 def test_bad_arguments(data, tmp_path, make_args, pattern):
     log = tmp_path / "log"
-    assert_user_error(run_cli(*make_args(data, tmp_path), "--log-dir", log, "--no-progress"), log, pattern)
+    assert_user_error(run_main(*make_args(data, tmp_path), "--log-dir", log, "--no-progress"), log, pattern)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +239,7 @@ def test_bad_arguments(data, tmp_path, make_args, pattern):
 def test_layers_that_do_not_fit_the_model_are_refused(tmp_path, layers, pattern):
     """Checked when the model's points are known (the demo model: no data or weights needed)."""
     log = tmp_path / "log"
-    assert_user_error(run_cli("--demo", "--set", f"layers={layers}", "--log-dir", log, "--no-progress"), log, pattern)
+    assert_user_error(run_main("--demo", "--set", f"layers={layers}", "--log-dir", log, "--no-progress"), log, pattern)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -246,7 +252,7 @@ def test_bad_config_file(data, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text((ROOT / "configs" / "fqvit_w8a8_att8.yaml").read_text().replace("observer: minmax", "observer: mean", 1))
     log = tmp_path / "log"
-    assert_user_error(run_cli("--data", data, "--config", cfg, "--log-dir", log), log, r"bad.yaml.weight.observer: unknown observer 'mean'")
+    assert_user_error(run_main("--data", data, "--config", cfg, "--log-dir", log), log, r"bad.yaml.weight.observer: unknown observer 'mean'")
 
 
 def test_empty_split(tmp_path):
@@ -262,7 +268,7 @@ def test_checkpoint_of_another_model(data, tmp_path):
     wrong = tmp_path / "small.pth"
     torch.save(timm.create_model("deit_small_patch16_224").state_dict(), wrong)
     log = tmp_path / "log"
-    result = run_cli("--model", MODEL, "--checkpoint", wrong, *fast(data, log))
+    result = run_main("--model", MODEL, "--checkpoint", wrong, *fast(data, log))
     assert_user_error(result, log, r"does not fit deit_tiny_patch16_224: \d+ shape mismatch\(es\): .*\(checkpoint \[384")
 
 
@@ -270,7 +276,7 @@ def test_corrupt_checkpoint(data, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage" * 100)
     log = tmp_path / "log"
-    assert_user_error(run_cli("--model", MODEL, "--checkpoint", bad, *fast(data, log)), log, "cannot read it as a PyTorch file")
+    assert_user_error(run_main("--model", MODEL, "--checkpoint", bad, *fast(data, log)), log, "cannot read it as a PyTorch file")
 
 
 def test_unreadable_calibration_images_leave_no_run_folder(checkpoint, tmp_path):
@@ -280,7 +286,7 @@ def test_unreadable_calibration_images_leave_no_run_folder(checkpoint, tmp_path)
     for i in range(3):
         (root / "train" / "n01440764" / f"{i}.JPEG").write_bytes(b"\xff\xd8\xff broken jpeg")
     log = tmp_path / "log"
-    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root, log))
+    result = run_main("--model", MODEL, "--checkpoint", checkpoint, *fast(root, log))
     assert_user_error(result, log, r"no readable calibration image \(3 unreadable\)")
 
 
@@ -302,14 +308,14 @@ def test_bad_calibrated_files(data, checkpoint, tmp_path):
     log = tmp_path / "log"
     garbage = tmp_path / "calibrated.pt"
     garbage.write_bytes(b"nope")
-    assert_user_error(run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "cannot read it")
+    assert_user_error(run_main("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "cannot read it")
     torch.save({"something": torch.zeros(1)}, garbage)
     assert_user_error(
-        run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "not written by test_qvit.py"
+        run_main("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", garbage)), log, "not written by test_qvit.py"
     )
     exists = tmp_path / "exists.pt"
     exists.write_bytes(b"")
-    assert_user_error(run_cli(*fast(data, log, "--save-calibrated", exists)), log, "file exists")
+    assert_user_error(run_main(*fast(data, log, "--save-calibrated", exists)), log, "file exists")
 
 
 def test_accuracy_table_writes_no_table_when_every_run_fails(data, tmp_path):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import calibrated, make_tiny_vit, tiny_images
+from conftest import calibrated, exact_int8_kernels, make_tiny_vit, tiny_images
 from test_cli import MODEL, assert_user_error
-from test_onnx_export import calibrated_run, convert_cli  # noqa: F401 (module fixture)
+from test_onnx_export import calibrated_run, convert_cli, convert_main  # noqa: F401 (module fixture)
 from utils.onnx_export import check_qdq, export_onnx, export_plan, simplify, weight_initializers
 from utils.onnx_graph import producers as producers_of
 
@@ -125,6 +125,7 @@ def test_simplifiers_keep_int8_weights_and_adjacent_pairs(tmp_path, tool):
     assert sorted(w.tobytes() for w in after.values()) == sorted(w.tobytes() for w in before.values())
 
 
+@exact_int8_kernels
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("recipe,overrides", [("trt_int8", {}), ("cpu_int8", {}), ("cpu_int8", UINT8_ATTENTION), ("trt_int8", MLP_SMOOTHING)],
                          ids=["trt_int8", "cpu_int8", "uint8_attention", "mlp_smoothing"])  # fmt: skip
@@ -148,6 +149,7 @@ def test_runtime_agrees_with_the_fake_quant_model(tmp_path, recipe, overrides, r
 
 
 # Without a qkv bias: trt_int8 without reparam (its shift, and cpu_int8's bias correction, give every Linear one).
+@exact_int8_kernels
 @pytest.mark.parametrize("recipe,overrides,qkv_bias", [("trt_int8", {}, True), ("trt_int8", {"reparam": None}, False), ("cpu_int8", {}, True), ("cpu_int8", UINT8_ATTENTION, True)],
                          ids=["trt_int8", "trt_int8_no_qkv_bias", "cpu_int8", "uint8_attention"])  # fmt: skip
 def test_ort_form_runs_the_same_integers_with_fewer_nodes(tmp_path, recipe, overrides, qkv_bias):
@@ -275,7 +277,7 @@ def test_layout_changes_move_after_per_tensor_quantizers_only(tmp_path):
         assert np.array_equal(old, new)
 
 
-@pytest.mark.parametrize("size,kernel,stride,pad,rewritten", [(8, 4, 4, 0, True), (9, 4, 4, 0, False), (8, 3, 1, 1, False)],
+@pytest.mark.parametrize("size,kernel,stride,pad,rewritten", [pytest.param(8, 4, 4, 0, True, marks=exact_int8_kernels), (9, 4, 4, 0, False), (8, 3, 1, 1, False)],
                          ids=["patches", "drops_a_row", "overlapping"])  # fmt: skip
 def test_only_a_conv_over_whole_patches_becomes_an_integer_matmul(tmp_path, size, kernel, stride, pad, rewritten):
     """Q/DQ image -> Conv(int8 weight per channel, bias): with kernel = stride over an image the patches
@@ -468,8 +470,8 @@ def cpu_run(tmp_path_factory):
 
 def test_unknown_runtime_is_refused_with_the_valid_names(calibrated_run, tmp_path):  # noqa: F811
     _, checkpoint, calibrated_file = calibrated_run
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", tmp_path / "export",
-                         "--runtimes", "ort,onnxruntime")  # fmt: skip
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", tmp_path / "export",
+                          "--runtimes", "ort,onnxruntime")  # fmt: skip
     assert_user_error(result, tmp_path / "export", "--runtimes 'ort,onnxruntime': unknown runtime 'onnxruntime'; valid: ort, openvino, tensorrt")
 
 

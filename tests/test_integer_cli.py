@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_cli import MODEL, assert_user_error, deit_tiny_run, fast, run_cli
-from test_onnx_export import calibrated_run, convert_cli  # noqa: F401 (module fixture)
+from test_cli import MODEL, assert_user_error, deit_tiny_run, fast, run_cli, run_main
+from test_onnx_export import calibrated_run, convert_cli, convert_main  # noqa: F401 (module fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_qvit_integer_only_evaluates_and_profiles_the_program(integer_run, tmp_p
 def test_qvit_integer_only_refuses_before_writing(integer_run, tmp_path, extra, pattern):
     root, checkpoint, _ = integer_run
     log = tmp_path / "log"
-    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, "--integer-only", *fast(root / "data", log, *extra))
+    result = run_main("--model", MODEL, "--checkpoint", checkpoint, "--integer-only", *fast(root / "data", log, *extra))
     assert_user_error(result, log, pattern)
 
 
@@ -79,7 +79,7 @@ def test_convert_integer_only_writes_a_verified_integer_onnx_and_golden_vectors(
 def test_convert_integer_only_refuses_a_partial_recipe(calibrated_run, tmp_path):
     root, checkpoint, calibrated_file = calibrated_run  # trt_int8: LayerNorm, softmax and GELU in float
     out = tmp_path / "export"
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--integer-only", "--out", out)
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--integer-only", "--out", out)
     assert_user_error(result, out, r"--integer-only: recipe trt_int8 keeps the layernorm_input kind in float")
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--golden", 2, "--out", out)
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--golden", 2, "--out", out)
     assert_user_error(result, out, r"--golden .* needs --integer-only")

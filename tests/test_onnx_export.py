@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_images
+from conftest import ROOT, exact_int8_kernels, run_in_process, tiny_images
 from test_cli import MODEL, assert_user_error, deit_tiny_run
 from test_profiler import calibrated
 from utils.onnx_export import check_qdq, export_onnx, export_plan, qdq_scales, simplify
@@ -57,6 +57,7 @@ def test_graph_carries_the_calibrated_scales_in_adjacent_pairs(exported):
     assert all(axis == 0 for s, axis in in_graph if np.size(s) > 1)
 
 
+@exact_int8_kernels
 def test_onnx_runtime_agrees_with_the_fake_quant_model(exported):
     qvit, _, _, path, _ = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -113,6 +114,12 @@ def convert_cli(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+def convert_main(*args: object) -> subprocess.CompletedProcess:
+    """convert_tensorrt.py's main in this process, for its error paths (the end-to-end test's missing
+    engine runs a real process)."""
+    return run_in_process("convert_tensorrt", *args)
+
+
 @pytest.fixture(scope="module")
 def calibrated_run(tmp_path_factory):
     """A DeiT-tiny (random weights) calibrated with trt_int8 by test_qvit.py, and its generated images."""
@@ -166,7 +173,7 @@ def test_convert_onnx_only_end_to_end(calibrated_run, tmp_path):
 def test_convert_bad_input(calibrated_run, tmp_path, make_args, pattern):
     root, checkpoint, calibrated_file = calibrated_run
     args = ["--model", MODEL, "--checkpoint", checkpoint, "--out", tmp_path / "export", *make_args(root, checkpoint, calibrated_file, tmp_path)]
-    assert_user_error(convert_cli(*args), tmp_path / "export", pattern)
+    assert_user_error(convert_main(*args), tmp_path / "export", pattern)
 
 
 def test_convert_refuses_an_unwritable_output_folder(calibrated_run, tmp_path):
@@ -175,7 +182,7 @@ def test_convert_refuses_an_unwritable_output_folder(calibrated_run, tmp_path):
     root, checkpoint, calibrated_file = calibrated_run
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", locked)
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", locked)
     assert_user_error(result, locked, "not writable")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SWIN_SIZE, make_tiny_swin, make_tiny_vit, tiny_images
+from conftest import SWIN_SIZE, exact_int8_kernels, make_tiny_swin, make_tiny_vit, tiny_images
 from models.ptq.reparam import activation_linear_pairs, layernorm_linear_pairs, observe_linear_inputs, value_projection_pairs
 from models.quant_vit import QVit
 from quant_config import ConfigError, load_recipe
@@ -271,6 +271,7 @@ def test_reparam_needs_quantized_activations():
         load_recipe("trt_int8", {"reparam": {"alpha": 0.5}, "activation": None})
 
 
+@exact_int8_kernels
 def test_export_graph_is_the_same_with_and_without_reparameterization(tmp_path):
     """The LayerNorm and attention-value factors live in the weights: the deployed graph has the same
     operators and Q/DQ pairs. The MLP migration adds one Div per block, between the GELU and fc2's QuantizeLinear, and

@@ -10,7 +10,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from conftest import SWIN_SIZE, make_tiny_swin, reloaded, tiny_images
+from conftest import SWIN_SIZE, exact_int8_kernels, make_tiny_swin, reloaded, tiny_images
 from test_cli import data  # noqa: F401 (module fixture: an ImageNet-layout folder)
 from models.integer.softmax import IEXP_MAX_ABS_ERROR
 from models.ptq.swin_layers import QuantSwinBlock, QuantWindowAttention
@@ -106,6 +106,7 @@ def test_calibrated_swin_round_trips_through_a_file(tmp_path, recipe):
         assert not torch.equal(source(x), fp32)  # it does quantize
 
 
+@exact_int8_kernels
 @pytest.mark.parametrize("recipe", ["trt_int8", "cpu_int8"])
 def test_qdq_export_runs_in_onnx_runtime_like_the_fake_quant_model(tmp_path, recipe):
     onnx = pytest.importorskip("onnx")
@@ -208,18 +209,18 @@ def test_fisher_blocks_plots_and_report_of_a_swin_profile(tmp_path):
     ("swinv2_tiny_window8_256", r"'layers\.0\.blocks\.0\.attn' \(WindowAttention\) has weights but no quantized counterpart"),
 ], ids=["hybrid-cnn-stem", "pooled-attention", "swin-v2"])  # fmt: skip
 def test_cli_refuses_an_unsupported_model_naming_its_module(data, tmp_path, model, message):
-    from test_cli import assert_user_error, run_cli
+    from test_cli import assert_user_error, run_main
 
     log = tmp_path / "log"
-    result = run_cli("--model", model, "--data", data, "--log-dir", log, timeout=120)
+    result = run_main("--model", model, "--data", data, "--log-dir", log)
     assert_user_error(result, log, message)
 
 
 def test_list_models_prints_the_accepted_names_and_refuses_an_empty_match():
-    from test_cli import run_cli
+    from test_cli import run_cli, run_main
 
     result = run_cli("--list-models", "swin_tiny*,swinv2_tiny*,deit3_small_patch16_224", timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["deit3_small_patch16_224", "swin_tiny_patch4_window7_224"]
-    refused = run_cli("--list-models", "resnet50", timeout=120)
+    refused = run_main("--list-models", "resnet50")
     assert refused.returncode == 2 and refused.stderr.strip() == "error: --list-models 'resnet50': no timm model matching it is one QVit can quantize"
