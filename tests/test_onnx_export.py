@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, exact_int8_kernels, run_in_process, tiny_images
 from test_cli import MODEL, assert_user_error, deit_tiny_run
 from test_profiler import calibrated
-from utils.onnx_export import check_qdq, export_onnx, export_plan, qdq_scales, simplify
+from utils.onnx_export import check_qdq, export_onnx, export_plan, qdq_hooks, qdq_scales, simplify
 from utils.tensorrt_engine import check_deployable
 
 onnx = pytest.importorskip("onnx")
@@ -55,6 +55,30 @@ def test_graph_carries_the_calibrated_scales_in_adjacent_pairs(exported):
     expected = sorted((tuple(np.atleast_1d(q.scale.numpy()).tolist()) for q in qvit.quantizers().values()))
     assert sorted(tuple(np.atleast_1d(s).tolist()) for s, _ in in_graph) == expected
     assert all(axis == 0 for s, axis in in_graph if np.size(s) > 1)
+
+
+def test_qdq_emulation_is_the_fake_quant_model_bit_for_bit():
+    """convert_tensorrt.py's "PyTorch fake-quant" (the export's Q/DQ pairs emulated in PyTorch) and
+    test_qvit.py's model round every value alike, half steps included: on a million values per point,
+    a reciprocal multiply (torch's fake_quantize ops) would send some to the neighbouring code."""
+    from models.quant_vit import point_name
+
+    qvit = calibrated("cpu_int8")
+    plan = {p.name: p for p in export_plan(qvit, zero_points=True)}
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for path, q in qvit.quantizers().items():
+        point = plan[point_name(path)]
+        if q.is_weight or not point.quantized or point.axis is not None:
+            continue
+        x = (torch.rand(1000, 1000, generator=generator) * 300 - 150) * float(point.scale)
+        with torch.no_grad():
+            fake_quant = q(x)
+            with qdq_hooks(qvit, list(plan.values())):
+                emulated = q(x)
+        assert torch.equal(emulated, fake_quant), path
+        checked += 1
+    assert checked >= 10
 
 
 @exact_int8_kernels

@@ -138,11 +138,21 @@ def qdq_hooks(qvit: QVit, plan: list[ExportPoint]) -> Iterator[None]:
         def qdq(module: TensorQuantizer, args: tuple, output: Tensor) -> Tensor:
             if module.rounded is not None:
                 output = module.rounded.to(output.dtype)  # GPTQ's weight, already on the grid: Q/DQ keeps it
+            if torch.onnx.is_in_onnx_export():  # torch's fake_quantize ops export as a QuantizeLinear/DequantizeLinear pair
+                if point.axis is None:
+                    return torch.fake_quantize_per_tensor_affine(output, float(point.scale), point.zero_point, qmin, qmax)
+                scale = point.scale.to(output.device)
+                zero = torch.zeros(scale.shape, dtype=torch.int32, device=output.device)
+                return torch.fake_quantize_per_channel_affine(output, scale, zero, point.axis % output.dim(), qmin, qmax)
+            # Run in PyTorch, the pair divides by the scale as ONNX's QuantizeLinear and the fake-quant
+            # model do (torch's fake_quantize ops multiply by its reciprocal, which rounds values at a
+            # half step the other way: DeiT-tiny cpu_int8 gave other logits on 62 of 96 images).
             if point.axis is None:
-                return torch.fake_quantize_per_tensor_affine(output, float(point.scale), point.zero_point, qmin, qmax)
-            scale = point.scale.to(output.device)
-            zero = torch.zeros(scale.shape, dtype=torch.int32, device=output.device)
-            return torch.fake_quantize_per_channel_affine(output, scale, zero, point.axis % output.dim(), qmin, qmax)
+                scale, zero = float(point.scale), point.zero_point
+            else:
+                axis = point.axis % output.dim()
+                scale, zero = point.scale.to(output.device).reshape([-1 if d == axis else 1 for d in range(output.dim())]), 0
+            return output.div(scale).round_().clamp_(qmin - zero, qmax - zero).mul_(scale)
 
         return qdq
 
