@@ -19,6 +19,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from quant_config import ConfigError
@@ -74,17 +75,14 @@ def free_name(folder: Path, stem: str, suffix: str, stamp: str) -> Path:
     return candidate
 
 
-def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> tuple[list[tuple[str, str]], list[Path]]:
-    """Fisher scores into the run data, the sensitivity CSV/plot under --hessian-dir, and the keep-fp table."""
+def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int], restored: tuple,
+                publish: Callable[[list[tuple[str, str]]], object]) -> list[Path]:  # fmt: skip
+    """Fisher scores into the run data, the sensitivity CSV/plot under --hessian-dir, and the keep-fp table;
+    ``publish`` gets the report's sections after each step (so an interrupted run keeps what is done)."""
     from utils.html_report import table_html
-    from utils.device import resolve_device
     from utils.sensitivity import block_sensitivity
 
-    if run.summary.get("demo"):
-        raise UserError(f"{run.path} is a --demo run: its generated images are gone; analyse a run on real data")
-    device = resolve_device(args.device)
-    calib_dir, val_dir = analysis_splits(args, run.summary, keeps)
-    qvit, loader_args = restore_run(args, run, device)
+    qvit, loader_args, device, calib_dir, val_dir = restored
     table = fisher_step(args, qvit, run, calib_dir, loader_args, device)
     images = table.attrs["images"]
     hessian = Path(args.hessian_dir)
@@ -94,11 +92,36 @@ def sensitivity(args: argparse.Namespace, run, stamp: str, keeps: list[int]) -> 
                  table_html(top[["rank", "name", "kind", "fisher", "noise_energy", "grad_energy", "qsnr_db"]]) + "<h3>Per block</h3>" + table_html(block_sensitivity(table)))]  # fmt: skip
     if args.mixed_recipe is not None:
         written.append(write_mixed_recipe(qvit, qvit.recipe, table, args, hessian, stamp, images))
+    publish(sections)
     if keeps:
-        section, path = keep_fp_step(args, qvit, table, val_dir, keeps, loader_args, device, hessian, stamp)
+        section, path = keep_fp_step(args, run, qvit, table, val_dir, keeps, loader_args, device, hessian, stamp)
         sections.append(section)
         written.append(path)
-    return sections, written
+        publish(sections)
+    return written
+
+
+def prepare_sensitivity(args: argparse.Namespace, run, keeps: list[int]) -> tuple:
+    """Everything --sensitivity needs, checked before anything is written: the restored QVit, its
+    loaders' arguments, the device and the two splits."""
+    from utils.device import resolve_device
+
+    if run.summary.get("demo"):
+        raise UserError(f"{run.path} is a --demo run: its generated images are gone; analyse a run on real data")
+    device = resolve_device(args.device)
+    calib_dir, val_dir = analysis_splits(args, run.summary, keeps)
+    qvit, loader_args = restore_run(args, run, device)
+    return qvit, loader_args, device, calib_dir, val_dir
+
+
+def estimate(run, forwards: int) -> str:
+    """`` (about N s)``: ``forwards`` model passes at the analysed run's evaluation speed (both of its models
+    per image), or nothing for a run that recorded none."""
+    rate = run.summary.get("eval_images_per_s")
+    if not rate:
+        return ""
+    seconds = forwards / (2 * rate)
+    return f" (about {seconds / 60:.0f} min at the run's evaluation speed)" if seconds >= 90 else f" (about {seconds:.0f} s at the run's evaluation speed)"
 
 
 def analysis_splits(args: argparse.Namespace, summary: dict, keeps: list[int]) -> tuple[Path, Path]:
@@ -134,7 +157,9 @@ def fisher_step(args: argparse.Namespace, qvit, run, calib_dir: Path, loader_arg
     from utils.sensitivity import fisher_sensitivity
 
     samples = calibration_subset(scan_split(calib_dir), args.sensitivity_samples, seed=1)
-    print(f"Fisher sensitivity of {run.summary.get('model', 'the model')} on {len(samples)} calibration images from {calib_dir}")
+    # A forward and a backward pass per image, hooks on every point: about three forward passes.
+    print(f"Fisher sensitivity of {run.summary.get('model', 'the model')} on {len(samples)} calibration images from {calib_dir}"
+          + estimate(run, 3 * len(samples)))  # fmt: skip
     start = time.perf_counter()
     try:
         table = fisher_sensitivity(qvit, make_loader(samples, **loader_args), device, not args.no_progress)
@@ -165,7 +190,7 @@ def write_sensitivity(run, table, folder: Path, stamp: str) -> list[Path]:
     return [csv_path, plot_path]
 
 
-def keep_fp_step(args: argparse.Namespace, qvit, table, val_dir: Path, keeps: list[int], loader_args: dict, device, folder: Path,
+def keep_fp_step(args: argparse.Namespace, run, qvit, table, val_dir: Path, keeps: list[int], loader_args: dict, device, folder: Path,
                  stamp: str) -> tuple[tuple[str, str], Path]:  # fmt: skip
     """Top-1 on the evaluation split with the K most sensitive points in float, for each K of --keep-fp."""
     import pandas as pd
@@ -177,7 +202,8 @@ def keep_fp_step(args: argparse.Namespace, qvit, table, val_dir: Path, keeps: li
 
     val = scan_split(val_dir)
     ranking = list(table.sort_values("rank")["name"])
-    print(f"Evaluating {len(val)} images from {val_dir} with the K most sensitive points in float, K = {', '.join(map(str, keeps))}")
+    print(f"Evaluating {len(val)} images from {val_dir} with the K most sensitive points in float, K = {', '.join(map(str, keeps))}"
+          + estimate(run, len(val) * (len(keeps) + 1)))  # FP32 once, the quantized model once per K
     try:
         fp32, results = evaluate_keep_fp(qvit, make_loader(val, **loader_args), ranking, keeps, device, not args.no_progress)
     except ValueError as exc:
@@ -244,11 +270,10 @@ def analyse(args: argparse.Namespace) -> Path:
     run = load_run(run_path)
     print(f"Analysing {run_path} ({len(run.stats)} quantization points)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sections: list[tuple[str, str]] = []
-    if args.sensitivity:
-        sections, _ = sensitivity(args, run, stamp, keeps)
+    restored = prepare_sensitivity(args, run, keeps) if args.sensitivity else None
 
-    # Plots go to a hidden folder renamed into place: no half-written plots/ folder, ever.
+    # The plots and the report first (the slow sensitivity steps add to the report as each ends). Plots
+    # go to a hidden folder renamed into place: no half-written plots/ folder, ever.
     target = free_name(run_path, "plots", "", stamp)
     with atomic_path(target) as tmp:
         tmp.mkdir()
@@ -256,8 +281,21 @@ def analyse(args: argparse.Namespace) -> Path:
     plots = [target / p.name for p in plots]
     print(f"Outlier ratio INT8 vs FP32: slope {fit['slope']:.4f}, intercept {fit['intercept']:.3g}, R² {fit['r2']:.4f} ({fit['points']} points)")
     report = free_name(run_path, "report", ".html", stamp)
-    write_report(run, plots, fit, report, sections)
-    print(f"Wrote {len(plots)} plots to {target}")
+    write_report(run, plots, fit, report)
+    print(f"Wrote {len(plots)} plots to {target} and the report {report}")
+    if restored is not None:
+        from utils.plots import plot_sensitivity
+
+        def publish(sections: list[tuple[str, str]]) -> None:
+            """The report again, with the sections so far and the Fisher plot (drawn once, into the plots)."""
+            sensitivity_plot = target / "sensitivity.png"
+            if not sensitivity_plot.exists():
+                with atomic_path(sensitivity_plot, suffix=".png") as tmp:
+                    plot_sensitivity(run, tmp)
+            write_report(run, [*plots, sensitivity_plot], fit, report, sections)
+
+        sensitivity(args, run, stamp, keeps, restored, publish)
+        print(f"Added the sensitivity results to {report}")
     return report
 
 

@@ -103,12 +103,30 @@ def test_plots_report_and_sensitivity(run_folder, tmp_path):
     assert len([p for p in run_folder.iterdir() if p.name.startswith("plots")]) == 2
 
 
+def test_interrupted_sensitivity_keeps_the_plots_and_the_report(run_folder, tmp_path, monkeypatch):
+    """Ctrl-C during the Fisher step: exit 130, and the plots and report.html written before it stay."""
+    import utils.sensitivity
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.sensitivity, "fisher_sensitivity", interrupted)
+    target = bad_copy(run_folder, tmp_path, lambda r: None)
+    result = run_in_process("result_analyze", target, "--sensitivity", "--hessian-dir", tmp_path / "hessian", "--no-progress")
+    assert result.returncode == 130 and result.stderr.strip().splitlines()[-1] == "interrupted"
+    for name in PLOTS:
+        png_ok(target / "plots" / name)
+    page = (target / "report.html").read_text()
+    assert "Accuracy" in page and "Fisher sensitivity" not in page
+    assert not [p for p in target.rglob("*") if ".partial" in p.name]
+
+
 def test_newest_run_is_the_default(run_folder, tmp_path):
     log = tmp_path / "log"
     older = log / "20200101-000000"
     shutil.copytree(run_folder, older)
     shutil.copytree(run_folder, log / "20200102-000000", ignore=shutil.ignore_patterns("plots*", "report*"))
-    result = analyse("--log-dir", log)
+    result = run_in_process("result_analyze", "--log-dir", log, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip().splitlines()[-1]) == log / "20200102-000000" / "report.html"
 
