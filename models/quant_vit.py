@@ -301,9 +301,10 @@ class QVit(nn.Module):
                  sum(self.searched_ratios.values()) / max(1, len(self.searched_ratios)))
 
     @contextlib.contextmanager
-    def reconstructing(self) -> Iterator["QVit"]:
+    def reconstructing(self, progress: bool = False) -> Iterator["QVit"]:
         """After calibration (scale search, GPTQ): the images run through the model (FP32) are kept; on a
-        clean exit every block learns its weights' rounding from them, in order (:mod:`models.ptq.reconstruction`).
+        clean exit every block learns its weights' rounding from them, in order (:mod:`models.ptq.reconstruction`),
+        with a bar of block k of N and its steps when ``progress``.
         Under ``torchrun`` every process then holds every process's images and shares each step's work."""
         spec = self.recipe.reconstruction
         if spec is None:
@@ -322,9 +323,11 @@ class QVit(nn.Module):
                 yield self
         finally:
             handle.remove()
-        self._reconstruct(gather_batches(images), spec)
+        self._reconstruct(gather_batches(images), spec, progress)
 
-    def _reconstruct(self, images: list[Tensor], spec) -> None:
+    def _reconstruct(self, images: list[Tensor], spec, progress: bool) -> None:
+        from tqdm import tqdm
+
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -332,14 +335,19 @@ class QVit(nn.Module):
                 x_fp = [self.first_block_input(x) for x in images]
             x_q = [self.first_block_input(x) for x in images]
         errors = {}
-        for name, block in self.block_sequence():
+        blocks = self.block_sequence()
+        bar = tqdm(total=len(blocks) * spec.iters, unit="step", disable=not progress, leave=False, smoothing=0.1)
+        for k, (name, block) in enumerate(blocks, 1):
+            bar.set_description(f"reconstruct block {k}/{len(blocks)}")
             with torch.no_grad(), self.fp32():
                 targets = [block(x) for x in x_fp]
             with _frozen(block):
-                errors[name] = reconstruct_block(block, x_fp, x_q, targets, spec, generator)
+                errors[name] = reconstruct_block(block, x_fp, x_q, targets, spec, generator, on_step=bar.update)
+            bar.update(k * spec.iters - bar.n)  # a block with nothing to learn takes no steps
             with torch.no_grad():
                 x_q = [block(x) for x in x_q]  # the next block learns on what this one now gives
             x_fp = targets
+        bar.close()
         gain = sum(e["before"] for e in errors.values()) / max(sum(e["after"] for e in errors.values()), 1e-30)
         log.info("block reconstruction: %d blocks on %d images in %.1f s, block output error %.2fx lower",
                  len(errors), sum(len(x) for x in images), time.perf_counter() - start, gain)

@@ -90,7 +90,7 @@ def check_same_everywhere(value: str, what: str, where: Dist) -> None:
 
 def gather_calibration(result, where: Dist):
     """Every process gets the :class:`~utils.engine.CalibrationResult` of all: images and unreadable files
-    summed, the slowest process's seconds (the scales themselves are already combined by the observers)."""
+    summed, the slowest process's seconds, overall and per pass (the scales themselves are already combined by the observers)."""
     if not where.active:
         return result
     parts = _gather(result, where)
@@ -99,6 +99,7 @@ def gather_calibration(result, where: Dist):
         images=sum(p.images for p in parts),
         unreadable=sum(p.unreadable for p in parts),
         seconds=max(p.seconds for p in parts),
+        passes={name: max(p.passes[name] for p in parts) for name in result.passes},
     )
 
 

@@ -9,6 +9,7 @@ CUDA events read once at the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,9 +46,13 @@ def _images(batches: Iterable) -> int | None:
     return None
 
 
-def _progress(batches: Iterable, desc: str, enabled: bool) -> tqdm:
-    """A bar counting images (so it shows images/s and the time left), updated by the caller."""
-    return tqdm(total=_images(batches), desc=desc, unit="img", disable=not enabled, leave=False, smoothing=0.1)
+def _progress(batches: Iterable, desc: str, enabled: bool, limit: float = math.inf) -> tqdm:
+    """A bar counting images (so it shows images/s and the time left), updated by the caller; its total
+    is the images the pass really takes (``limit`` of them at most)."""
+    total = _images(batches)
+    if total is not None and limit < total:
+        total = int(limit)
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, smoothing=0.1)
 
 
 class _Timer:
@@ -89,17 +94,19 @@ class CalibrationResult:
     unreadable: int
     seconds: float
     uncalibrated: list[str]
+    passes: dict[str, float] = field(default_factory=dict)  # each pass's seconds, its closing work included
 
 
 @torch.inference_mode()
-def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True) -> CalibrationResult:
+def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progress: bool = True,
+              report: Callable[[str], object] | None = None) -> CalibrationResult:  # fmt: skip
     """Run every batch through the model in calibration mode, then fix all scales.
 
     Up to four passes over ``batches`` (so it must be re-iterable): the recipe's ``reparam`` folding,
     the histograms' range pass (exact bins, and what ``torchrun`` needs to combine processes),
     calibration proper, then the recipe's ``scale_search`` on its first ``images`` images (under
     ``torchrun`` each process takes its share of that number). Under ``torchrun`` each process passes
-    its own share of the batches.
+    its own share of the batches. ``report`` gets one line as each pass ends: its images and seconds.
     """
     start = time.perf_counter()
     passes: list[tuple[str, Callable, float]] = []
@@ -115,7 +122,8 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
         refusal = too_few_images_per_step(qvit.recipe.reconstruction, world)  # before any pass: fail in seconds
         if refusal is not None:
             raise UserError(f"recipe {qvit.recipe.name}: {refusal}")
-        passes.append(("reconstruct blocks", qvit.reconstructing, math.ceil(qvit.recipe.reconstruction.images / world)))
+        reconstructing = functools.partial(qvit.reconstructing, progress=progress)
+        passes.append(("reconstruct blocks", reconstructing, math.ceil(qvit.recipe.reconstruction.images / world)))
     if qvit.recipe.bias_correction is not None:
         passes.append(("correct biases", qvit.correcting_biases, math.ceil(qvit.recipe.bias_correction.images / world)))
     weight = qvit.first_non_finite_weight()
@@ -123,12 +131,14 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
         raise UserError(f"{weight} holds NaN or infinite values; calibration needs finite weights (check the checkpoint)")
     points = list(qvit.quantizers().values())  # walked once here, not once per batch
     calibrated_images = calibrated_unreadable = 0
+    seconds: dict[str, float] = {}
     for name, context, limit in passes:
         images = unreadable = batch_index = 0
+        began = time.perf_counter()
         # The first batch after which some observer's running min/max is not finite, kept on the device
         # (-1: none), so the check costs no host synchronisation per batch; read once per pass.
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        with context(), _progress(batches, name, progress) as bar:
+        with context(), _progress(batches, name, progress, limit) as bar:
             for x, _, bad in batches:
                 if images >= limit:
                     break
@@ -155,9 +165,12 @@ def calibrate(qvit: QVit, batches: Iterable[Batch], device: torch.device, progre
                 raise UserError(error)
         if name == "calibrate":
             calibrated_images, calibrated_unreadable = images, unreadable
+        _sync(device)
+        seconds[name] = time.perf_counter() - began
+        if report is not None:
+            report(f"{name}: {images} images, {seconds[name]:.1f} s")
     uncalibrated = [name for name, q in qvit.quantizers().items() if not q.is_calibrated]
-    _sync(device)
-    return CalibrationResult(calibrated_images, calibrated_unreadable, time.perf_counter() - start, uncalibrated)
+    return CalibrationResult(calibrated_images, calibrated_unreadable, time.perf_counter() - start, uncalibrated, seconds)
 
 
 @dataclass

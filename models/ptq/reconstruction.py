@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -161,11 +161,12 @@ def _output_error(block: nn.Module, inputs: list[Tensor], targets: list[Tensor])
 
 
 def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs: list[Tensor], targets: list[Tensor],
-                      spec: ReconstructionSpec, generator: torch.Generator) -> dict[str, float]:  # fmt: skip
+                      spec: ReconstructionSpec, generator: torch.Generator, on_step: Callable[[], object] | None = None) -> dict[str, float]:  # fmt: skip
     """Learn the rounding of every reconstructable weight of ``block`` (which runs in the quantized mode)
     from cached batches: its FP32-model inputs, its quantized-model inputs and the FP32 block's outputs.
     Sets the weight quantizers' ``rounded`` buffers (and, with ``scale_lr``, the learned activation
-    steps) when that lowers the output error on the cache; returns that error before and at the end."""
+    steps) when that lowers the output error on the cache; returns that error before and at the end.
+    ``on_step`` is called after each of the ``spec.iters`` optimisation steps (a progress bar)."""
     layers = reconstructable_weights(block)
     points = learnable_steps(block) if spec.scale_lr > 0 else {}
     before = _output_error(block, quant_inputs, targets)
@@ -182,7 +183,7 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
         groups = [{"params": [r.v for _, r in roundings.values()], "lr": spec.lr}, {"params": [st.s for _, st in steps.values()], "lr": spec.scale_lr}]
         optimizer = torch.optim.Adam([g for g in groups if g["params"]])
         x_fp, x_q, y = (torch.cat(t).clone() for t in (fp32_inputs, quant_inputs, targets))
-        _learn(block, roundings, steps, optimizer, x_fp, x_q, y, spec, warmup, generator)
+        _learn(block, roundings, steps, optimizer, x_fp, x_q, y, spec, warmup, generator, on_step)
     with _learned(roundings, steps, "hard"):
         after = _output_error(block, quant_inputs, targets)
     if after < before:
@@ -199,7 +200,7 @@ def reconstruct_block(block: nn.Module, fp32_inputs: list[Tensor], quant_inputs:
 
 
 def _learn(block: nn.Module, roundings: dict, steps: dict, optimizer: torch.optim.Optimizer, x_fp: Tensor, x_q: Tensor,
-           y: Tensor, spec: ReconstructionSpec, warmup: int, generator: torch.Generator) -> None:  # fmt: skip
+           y: Tensor, spec: ReconstructionSpec, warmup: int, generator: torch.Generator, on_step: Callable[[], object] | None) -> None:  # fmt: skip
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if is_distributed() else (1, 0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with _float_softmax(block), _learned(roundings, steps, "soft"):
@@ -225,3 +226,5 @@ def _learn(block: nn.Module, roundings: dict, steps: dict, optimizer: torch.opti
                     if v.grad is not None:  # None in every process alike: each runs the same block
                         all_reduce_(v.grad, "sum")
             optimizer.step()
+            if on_step is not None:
+                on_step()
