@@ -9,7 +9,8 @@ Under torchrun every process calibrates and evaluates its own batches (statistic
 combined; the scales equal a single process's), and only rank 0 prints and writes the run folder.
 
 Each run writes a new folder ``<log-dir>/<timestamp>/`` (``qvit_summary.json``, ``qvit_results.txt``
-and, with ``--save-calibrated``, ``calibrated.pt``); the last line printed is that folder's path.
+and, with ``--save-calibrated``, ``calibrated.pt``); the last three lines printed say what the folder
+holds, where the calibrated quantizers were saved, and ``Run folder: PATH``.
 Bad input ends with one ``error: ...`` line and exit code 2, leaving no folder behind.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_CLASSES, DEMO_CALIB_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 10, 20
+DEMO_CLASSES, DEMO_CALIB_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 10, 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +199,7 @@ class Calibration:
     images: int = 0
     unreadable: int = 0
     seconds: float = 0.0
+    passes: dict[str, float] = field(default_factory=dict)  # each calibration pass's seconds
 
 
 def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
@@ -221,9 +224,20 @@ def run_process(args: argparse.Namespace, device, where: Dist) -> Path | None:
             if totals is not None:
                 summary["profile"] = totals
             write_json_atomic(run_dir.path / "qvit_summary.json", summary)
+    say(folder_contents(run_dir.final))
     if args.save_calibrated:
         copy_calibrated(run_dir.final / "calibrated.pt", Path(args.save_calibrated))
+    elif args.save_calibrated == "":  # --save-calibrated without a path: the folder's copy is the one
+        say(f"Saved calibrated quantizers: {run_dir.final / 'calibrated.pt'}")
     return run_dir.final
+
+
+def folder_contents(folder: Path) -> str:
+    """One line naming what the run folder holds (the histogram images counted, not listed)."""
+    names = sorted(p.name for p in folder.iterdir())
+    histograms = [n for n in names if n.endswith("_hist.png")]
+    rest = [n for n in names if not n.endswith("_hist.png")]
+    return "In the run folder: " + ", ".join(rest) + (f" and {len(histograms)} histogram images (*_hist.png)" if histograms else "")
 
 
 def choose_recipe_and_model(args: argparse.Namespace) -> Job:
@@ -321,14 +335,14 @@ def calibrate_or_load(args: argparse.Namespace, job: Job, qvit, model_facts: dic
     subset = calibration_subset(job.calib_samples, args.calib_size, args.seed)
     say(f"Calibrating on {len(subset)} images from {job.calib_dir}")
     progress = not args.no_progress and where.main
-    cal = gather_calibration(calibrate(qvit, make_loader(shard(args, subset, where), **loader_args), device, progress), where)
+    cal = gather_calibration(calibrate(qvit, make_loader(shard(args, subset, where), **loader_args), device, progress, report=say), where)
     if cal.unreadable:
         say(f"note: skipped {cal.unreadable} unreadable calibration image(s)")
     if cal.uncalibrated:
         say(f"note: {len(cal.uncalibrated)} quantization point(s) saw no data and stay uncalibrated")
     if args.save_calibrated is not None and where.main:
         save_calibrated(qvit, run_dir.path / "calibrated.pt", job.model_name, model_facts["weights_sha256"], model_facts["checkpoint_sha256"])
-    return Calibration(cal.images, cal.unreadable, cal.seconds)
+    return Calibration(cal.images, cal.unreadable, cal.seconds, cal.passes)
 
 
 def integer_program(qvit, say: Callable):
@@ -372,6 +386,7 @@ def evaluate_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, d
         return None
     if ev is None:
         raise UserError(f"{job.val_dir}: no readable evaluation image")
+    print(f"evaluate: {ev.samples} images, {ev.seconds_wall:.1f} s (FP32 {ev.seconds_fp32:.1f} s, {'integer program' if program else 'INT8'} {ev.seconds_int8:.1f} s)")
     if ev.unreadable:
         print(f"note: skipped {ev.unreadable} unreadable evaluation image(s)")
     for model, count in (("FP32", ev.non_finite_fp32), ("INT8", ev.non_finite_int8)):
@@ -412,6 +427,7 @@ def run_summary(args: argparse.Namespace, job: Job, qvit, model_facts: dict, cal
             "seed": args.seed,
             "unreadable": calibration.unreadable,
             "loaded_from": str(args.load_calibrated) if job.record is not None else None,
+            "passes_s": calibration.passes,
         },
         "evaluation": {"split": str(job.val_dir), "unreadable": ev.unreadable, "classes": int(len(set(ev.labels.tolist()))),
                        "non_finite_logits": {"fp32": ev.non_finite_fp32, "int8": ev.non_finite_int8}},
@@ -448,6 +464,7 @@ def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, de
     if program is not None:
         views = "the integer program against FP32"
     print(f"Profiling {len(subset)} evaluation images ({views})")
+    start = time.perf_counter()
     try:
         result = run_profile(qvit, make_loader(subset, **loader_args), device, isolated=args.profile == "isolated",
                              progress=not args.no_progress and where.main, program=program)  # fmt: skip
@@ -455,7 +472,8 @@ def profile_step(args: argparse.Namespace, job: Job, qvit, loader_args: dict, de
         print(f"warning: profile skipped: {exc}", file=sys.stderr)
         return None
     result.table.to_csv(folder / "qvit_statistics.csv", index=False)
-    write_point_histograms(result, folder, select_histogram_points(result, args.hist))
+    histograms = write_point_histograms(result, folder, select_histogram_points(result, args.hist))
+    print(f"profile: {len(subset)} images and {len(histograms)} histogram images, {time.perf_counter() - start:.1f} s")
     print(profile_summary(result.totals))
     return result.totals
 
@@ -464,7 +482,7 @@ def copy_calibrated(source: Path, target: Path) -> None:
     """--save-calibrated PATH gets a copy once the run folder is complete."""
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-    print(f"Saved calibrated quantizers to {target}")
+    print(f"Saved calibrated quantizers: {target}")
 
 
 def peak_memory_mb(device: "torch.device") -> dict[str, float | None]:
@@ -483,7 +501,12 @@ def peak_memory_mb(device: "torch.device") -> dict[str, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_script(lambda: run(args), (UserError, ConfigError))
+
+    def labelled() -> str | None:
+        result = run(args)
+        return f"Run folder: {result}" if isinstance(result, Path) else result  # the last line
+
+    return run_script(labelled, (UserError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -61,12 +61,19 @@ def deit_tiny_run(root: Path, *extra: object) -> tuple[Path, Path]:
     torch.save(timm.create_model(MODEL).state_dict(), checkpoint)
     result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root / "data", root / "log", "--save-calibrated", *extra))
     assert result.returncode == 0, result.stderr
-    return checkpoint, Path(result.stdout.strip().splitlines()[-1])
+    return checkpoint, run_folder(result)
 
 
 def fast(data: Path, log: Path, *extra: object) -> list[object]:
     # No histogram PNGs unless a test asks (a later --hist wins): ~200 of them take a while.
     return ["--data", data, "--log-dir", log, "--batch-size", 4, "--workers", 0, "--no-progress", "--hist", "none", *extra]
+
+
+def run_folder(result: subprocess.CompletedProcess) -> Path:
+    """The folder test_qvit.py names on its last line, ``Run folder: PATH``."""
+    label, _, path = result.stdout.strip().splitlines()[-1].partition(": ")
+    assert label == "Run folder", result.stdout
+    return Path(path)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, log: Path, pattern: str) -> None:
@@ -90,9 +97,10 @@ def test_help_documents_every_flag():
 
 def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
     log = tmp_path / "log"
-    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--calib-size", 50, "--save-calibrated", "--hist", "all"))
+    saved = tmp_path / "saved.pt"
+    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--calib-size", 50, "--save-calibrated", saved, "--hist", "worst:2"))
     assert result.returncode == 0, result.stderr
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    run_dir = run_folder(result)
     assert run_dir.parent == log and run_dir.is_dir()
     assert "exceeds the 8 images" in result.stdout
     assert "Top-1 (%)" in result.stdout and "Top-1 agreement" in result.stdout
@@ -118,7 +126,12 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
     assert 50 < memory["host_process"] < 24 * 1024 and memory["device"] is None
     assert summary["versions"]["torch"] == torch.__version__
     assert "Top-1 (%)" in (run_dir / "qvit_results.txt").read_text()
-    assert (run_dir / "calibrated.pt").is_file()
+    assert (run_dir / "calibrated.pt").is_file() and saved.read_bytes() == (run_dir / "calibrated.pt").read_bytes()
+    # The terminal says where everything went: the folder's contents, the saved copy, the folder (last).
+    lines = result.stdout.strip().splitlines()
+    histograms = len(list(run_dir.glob("*_hist.png")))
+    assert lines[-3:] == [f"In the run folder: calibrated.pt, qvit_results.txt, qvit_statistics.csv, qvit_summary.json and {histograms} histogram images (*_hist.png)",
+                          f"Saved calibrated quantizers: {saved}", f"Run folder: {run_dir}"]  # fmt: skip
     # The profiler, by default: statistics of every point, a histogram each, totals in the summary.
     stats = pd.read_csv(run_dir / "qvit_statistics.csv")
     assert list(stats.columns) == [c for c in COLUMNS if not c.startswith("iso_")]
@@ -126,7 +139,7 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
     assert profile["samples"] == 12 and profile["points"] == len(stats) > 100  # DeiT-tiny: 12 blocks
     assert profile["views"] == ["accumulated"] and len(profile["worst"]) == 10
     assert 0 < profile["logit_cosine"] <= 1 and profile["qsnr_db_mean"] > 0
-    assert sorted(p.name for p in run_dir.glob("*_hist.png")) == sorted(f"{n}_hist.png" for n in stats["name"])
+    assert sorted(p.name for p in run_dir.glob("*_hist.png")) == sorted(f"{n}_hist.png" for n in stats.nsmallest(2, "qsnr_db")["name"])
     assert "Profile (12 images" in result.stdout and "Worst points" in result.stdout
 
     again = run_cli(
@@ -134,7 +147,7 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
         *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt", "--profile", "isolated", "--hist", "worst:3", "--profile-samples", 5),
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
-    second = Path(again.stdout.strip().splitlines()[-1])
+    second = run_folder(again)
     assert second != run_dir and run_dir.is_dir()
     reloaded = json.loads((second / "qvit_summary.json").read_text())
     assert reloaded["int8"] == summary["int8"] and reloaded["agreement_top1"] == summary["agreement_top1"]
@@ -147,7 +160,7 @@ def test_end_to_end_run_then_reload_calibrated(data, checkpoint, tmp_path):
 
     third = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(data, log, "--load-calibrated", run_dir / "calibrated.pt", "--no-profile"))
     assert third.returncode == 0, third.stderr
-    plain = Path(third.stdout.strip().splitlines()[-1])
+    plain = run_folder(third)
     assert "profile" not in json.loads((plain / "qvit_summary.json").read_text())
     assert not (plain / "qvit_statistics.csv").exists() and not list(plain.glob("*.png"))
 
@@ -165,9 +178,13 @@ def test_demo_runs_offline(tmp_path):
     result = run_cli("--demo", "--log-dir", log, "--no-progress", "--workers", 0)
     assert result.returncode == 0, result.stderr
     assert "mean nothing" in result.stdout
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    run_dir = run_folder(result)
     summary = json.loads((run_dir / "qvit_summary.json").read_text())
-    assert summary["demo"] is True and summary["int8"]["samples"] == 200 and summary["calib_samples"] == 100
+    assert summary["demo"] is True and summary["int8"]["samples"] == 100 and summary["calib_samples"] == 100
+    # The default --hist all: a histogram of every profiled point, and the terminal says how many.
+    names = pd.read_csv(run_dir / "qvit_statistics.csv")["name"]
+    assert sorted(p.name for p in run_dir.glob("*_hist.png")) == sorted(f"{n}_hist.png" for n in names)
+    assert f"and {len(names)} histogram images (*_hist.png)" in result.stdout
 
 
 @pytest.mark.slow
@@ -181,16 +198,16 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     double = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert double.returncode == 0, double.stderr
     runs = list((tmp_path / "two").iterdir())
-    assert len(runs) == 1 and double.stdout.strip().splitlines()[-1] == str(runs[0])
+    assert len(runs) == 1 and run_folder(double) == runs[0]
     assert double.stdout.count("Evaluating FP32 and INT8 on 64 images") == 1  # rank 1 prints nothing
-    one = json.loads((Path(single.stdout.strip().splitlines()[-1]) / "qvit_summary.json").read_text())
+    one = json.loads((run_folder(single) / "qvit_summary.json").read_text())
     two = json.loads((runs[0] / "qvit_summary.json").read_text())
     assert (one["processes"], two["processes"]) == (1, 2)
     assert two["calib_samples"] == one["calib_samples"] == 100 and two["int8"]["samples"] == one["int8"]["samples"] == 64
     for key in ("fp32", "int8", "agreement_top1"):
         assert two[key] == one[key], key
     assert two["logit_cosine_mean"] == pytest.approx(one["logit_cosine_mean"], rel=1e-9)
-    scales_one = torch.load(Path(single.stdout.strip().splitlines()[-1]) / "calibrated.pt", weights_only=True)["quantizers"]
+    scales_one = torch.load(run_folder(single) / "calibrated.pt", weights_only=True)["quantizers"]
     scales_two = torch.load(runs[0] / "calibrated.pt", weights_only=True)["quantizers"]
     assert scales_one.keys() == scales_two.keys()
     for key, value in scales_one.items():
@@ -240,6 +257,29 @@ def test_layers_that_do_not_fit_the_model_are_refused(tmp_path, layers, pattern)
     """Checked when the model's points are known (the demo model: no data or weights needed)."""
     log = tmp_path / "log"
     assert_user_error(run_main("--demo", "--set", f"layers={layers}", "--log-dir", log, "--no-progress"), log, pattern)
+
+
+def test_offline_hub_fails_at_once_without_trying_to_download(data, tmp_path, monkeypatch):
+    """No network (every TCP connection refused) and nothing cached: one line before any download starts."""
+    import socket
+
+    import timm.models._builder as builder
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(builder, "load_pretrained", download)
+    log = tmp_path / "log"
+    result = run_main("--model", "vit_base_patch16_224", "--data", data, "--log-dir", log, "--no-progress")
+    assert_user_error(result, log, r"^error: cannot load pretrained weights for vit_base_patch16_224 \(huggingface.co unreachable: "
+                                   r"Network is unreachable\); pass --checkpoint PATH to use local weights$")  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -299,7 +339,7 @@ def test_unreadable_images_are_skipped_and_reported(checkpoint, data, tmp_path):
     result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root, log))
     assert result.returncode == 0, result.stderr
     assert "skipped 1 unreadable evaluation image" in result.stdout
-    summary = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "qvit_summary.json").read_text())
+    summary = json.loads((run_folder(result) / "qvit_summary.json").read_text())
     assert summary["evaluation"]["unreadable"] == 1 and summary["int8"]["samples"] == 3
     assert summary["profile"]["samples"] == 3  # the profiler skips it too
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_cli import MODEL, assert_user_error, deit_tiny_run, fast, run_cli, run_main
+from test_cli import MODEL, assert_user_error, deit_tiny_run, fast, run_cli, run_folder, run_main
 from test_onnx_export import calibrated_run, convert_cli, convert_main  # noqa: F401 (module fixture)
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_qvit_integer_only_evaluates_and_profiles_the_program(integer_run, tmp_p
                      *fast(root / "data", log, "--profile-samples", 2))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Evaluating FP32 and the integer program" in result.stdout and "integer operations" in result.stdout
-    folder = Path(result.stdout.strip().splitlines()[-1])
+    folder = run_folder(result)
     summary = json.loads((folder / "qvit_summary.json").read_text())
     assert summary["integer_only"] is True
     program = summary["integer_program"]

@@ -81,10 +81,49 @@ def check_model_structure(name: str) -> None:
         raise UserError(f"{name}: {exc}") from None
 
 
+def unreachable_weights(name: str, timeout: float = 3.0) -> str | None:
+    """Why timm cannot fetch ``name``'s pretrained weights (not cached, and their host does not answer a TCP
+    connection within ``timeout`` seconds), or None. Offline, huggingface_hub retries for about a minute
+    with a warning per try; this tells in seconds. Behind a proxy (``HTTPS_PROXY``) it does not guess."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None  # timm says what is wrong with the name
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return None
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif cfg.url:
+        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file():
+            return None
+        host = urlparse(cfg.url).hostname
+    else:
+        return None
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} unreachable: {exc.strerror or exc}"
+    return None
+
+
 def create_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """A timm model in eval mode; ``pretrained`` downloads timm's weights."""
+    """A timm model in eval mode; ``pretrained`` downloads timm's weights (or fails in seconds offline)."""
     import timm
 
+    if pretrained:
+        reason = unreachable_weights(name)
+        if reason is not None:
+            raise UserError(f"cannot load pretrained weights for {name} ({reason}); pass --checkpoint PATH to use local weights")
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # timm/hub raise many types when offline or when a name has no weights
