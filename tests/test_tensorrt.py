@@ -14,7 +14,7 @@ import torch
 
 from conftest import calibrated, tiny_images
 from test_cli import MODEL, assert_user_error, deit_tiny_run
-from test_onnx_export import calibrated_run, convert_cli  # noqa: F401  (calibrated_run is a fixture)
+from test_onnx_export import calibrated_run, convert_cli, convert_main  # noqa: F401  (calibrated_run is a fixture)
 from utils.errors import UserError
 from utils.onnx_export import export_onnx, export_plan, qdq_hooks, simplify
 from utils.tensorrt_engine import check_deployable, compute_nodes, fp16_onnx, summarize_layers, unavailable_reason
@@ -164,7 +164,7 @@ def test_convert_refuses_a_recipe_tensorrt_cannot_run_before_writing_anything(tm
     args = ["--model", MODEL, "--checkpoint", checkpoint, "--calibrated", run / "calibrated.pt", "--out", out, "--verify-images", 2,
             "--batch", 1, "--bench-iters", 1]  # fmt: skip
     pattern = r"recipe fqvit_w8a8_att4 cannot be deployed to TensorRT as calibrated: \d+ of \d+ quantization points .*blocks\.0\..*--config trt_int8.*--onnx-only"
-    assert_user_error(convert_cli(*args), out, pattern)
+    assert_user_error(convert_main(*args), out, pattern)
     # The CPU runtimes cannot run it as calibrated either; with --allow-fallback the export is made, points mapped or float.
     assert convert_cli(*args, "--onnx-only", "--allow-fallback").returncode == 0
 
