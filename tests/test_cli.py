@@ -27,7 +27,7 @@ def run_cli(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def run_main(*args: object) -> subprocess.CompletedProcess:
     """test_qvit.py's main in this process: for the error paths (test_empty_split and test_cuda_without_gpu
-    run a real process)."""
+    run a real process) and the runs that fixtures build on."""
     return run_in_process("test_qvit", *args)
 
 
@@ -59,7 +59,8 @@ def deit_tiny_run(root: Path, *extra: object) -> tuple[Path, Path]:
     torch.manual_seed(0)
     checkpoint = root / "deit_tiny.pth"
     torch.save(timm.create_model(MODEL).state_dict(), checkpoint)
-    result = run_cli("--model", MODEL, "--checkpoint", checkpoint, *fast(root / "data", root / "log", "--save-calibrated", *extra))
+    # In-process (the run itself is what the fixtures need; test_end_to_end_run_then_reload_calibrated runs the process).
+    result = run_main("--model", MODEL, "--checkpoint", checkpoint, *fast(root / "data", root / "log", "--save-calibrated", *extra))
     assert result.returncode == 0, result.stderr
     return checkpoint, run_folder(result)
 

@@ -478,11 +478,11 @@ def test_unknown_runtime_is_refused_with_the_valid_names(calibrated_run, tmp_pat
 def test_cpu_recipe_is_refused_for_tensorrt_and_deployed_to_the_cpu_runtimes(cpu_run, tmp_path):
     root, checkpoint, calibrated_file = cpu_run
     out = tmp_path / "export"
-    refused = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out)
+    refused = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out)
     assert_user_error(refused, out, "recipe cpu_int8 cannot be deployed to TensorRT as calibrated")
     assert "(mapped: uint8" in refused.stderr and "blocks.0." in refused.stderr
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out, "--runtimes", "ort,openvino",
-                         "--val-dir", root / "data" / "val", "--verify-images", 8, "--batch", 1, "--bench-iters", 1)  # fmt: skip
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--out", out, "--runtimes", "ort,openvino",
+                          "--val-dir", root / "data" / "val", "--verify-images", 8, "--batch", 1, "--bench-iters", 1)  # fmt: skip
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip().splitlines()[-1])
     report = json.loads((folder / "conversion.json").read_text())

@@ -59,8 +59,8 @@ def test_convert_integer_only_writes_a_verified_integer_onnx_and_golden_vectors(
 
     root, checkpoint, calibrated_file = integer_run
     out = tmp_path / "export"
-    result = convert_cli("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--integer-only", "--out", out,
-                         "--val-dir", root / "data" / "val", "--verify-images", 4, "--batch", 1, "--bench-iters", 1, "--golden", 1)  # fmt: skip
+    result = convert_main("--model", MODEL, "--checkpoint", checkpoint, "--calibrated", calibrated_file, "--integer-only", "--out", out,
+                          "--val-dir", root / "data" / "val", "--verify-images", 4, "--batch", 1, "--bench-iters", 1, "--golden", 1)  # fmt: skip
     assert result.returncode == 0, result.stderr
     for step in ("[1/3] export", "[2/3] simplify", "[3/3] verify", "identical logits on every image"):
         assert step in result.stdout
