@@ -30,8 +30,7 @@ def _int8_kernels_saturate() -> bool:
     return int8_pairs_saturate()
 
 
-SATURATING_INT8 = _int8_kernels_saturate()
-exact_int8_kernels = pytest.mark.xfail(SATURATING_INT8, reason="this CPU's uint8 x int8 kernels saturate (utils/int8_kernels.py)", strict=False)
+exact_int8_kernels = pytest.mark.xfail(_int8_kernels_saturate(), reason="this CPU's uint8 x int8 kernels saturate (utils/int8_kernels.py)", strict=False)
 
 requires_shared = pytest.mark.skipif(
     not (SHARED_WEIGHTS.is_file() and (SHARED_DATA / "train").is_dir() and (SHARED_DATA / "val").is_dir()),
@@ -148,9 +147,9 @@ def run_in_process(module: str, *args: object) -> subprocess.CompletedProcess:
     """``python -m module args`` (a top-level script or a bench module) as its ``main(argv)`` in this process,
     from the repository root: its exit code and what it printed, as :func:`subprocess.run` returns them.
 
-    For the error paths, which stop before any work: a fresh interpreter costs 3-8 s of imports per call.
-    The logging the scripts configure goes to the captured stderr too. Each script keeps one test that
-    runs it as a real process (exit code, one line, no traceback)."""
+    For the error paths and the runs that only feed later checks: a fresh interpreter costs 3-8 s of
+    imports per call. The logging the scripts configure goes to the captured stderr too. Each script keeps
+    tests that run it as a real process (exit code, one line, no traceback)."""
     main = importlib.import_module(module).main
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
