@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,6 +319,19 @@ def benchmark_step(compiled: dict[str, dict], batches: list[int], size: tuple[in
     return result
 
 
+class StepClock:
+    """Each step's seconds: :meth:`done` ends the step running since the last one (one line, kept in ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step], self.start = now - self.start, now
+        print(f"      {step}: {self.seconds[step]:.1f} s")
+
+
 def convert(args: argparse.Namespace) -> Path:
     batches, runtimes = check_arguments(args)
     qvit, data_config = load_model(args)
@@ -331,13 +345,17 @@ def convert(args: argparse.Namespace) -> Path:
 
     run = RunDir(Path(args.out))
     with run:
-        folder = run.path
+        folder, clock = run.path, StepClock()
         report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "runtimes": runtimes}
         report.update(export_step(qvit, folder, size, plan, runtimes, args.opset))
+        clock.done("export")
         report.update(simplify_step(folder, runtimes))
+        clock.done("simplify")
         loader, source = verification_images(args, data_config, size)
         report["verify"], compiled, logits, labels = verify_step(args, qvit, plan, folder, runtimes, loader, source)
+        clock.done("verify")
         report["benchmark"] = benchmark_step(compiled, batches, size, args.bench_iters)
+        clock.done("benchmark")
         print("[4/4] TensorRT")
         reason = unavailable_reason() or (None if "tensorrt" in runtimes else "not requested (--onnx-only or --runtimes)")
         if reason is None:
@@ -345,6 +363,9 @@ def convert(args: argparse.Namespace) -> Path:
             reason = report["tensorrt"].get("reason")
         else:
             report["tensorrt"] = {"built": False, "reason": reason}
+        if report["tensorrt"].get("built"):
+            clock.done("tensorrt")
+        report["seconds"] = clock.seconds
         write_json_atomic(folder / "conversion.json", report)
     if reason is not None:
         print(f"      skipped: {reason}")
@@ -387,10 +408,11 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
     size = tuple(data_config["input_size"][1:])
     run = RunDir(Path(args.out))
     with run:
-        folder = run.path
+        folder, clock = run.path, StepClock()
         report: dict = {"model": args.model, "recipe": qvit.recipe.name, "calibrated": str(args.calibrated), "integer_only": True}
         print(f"[1/3] export: {qvit.recipe.name}'s integer program ({len(program.nodes)} integer operations) to int_only.onnx, and fp32.onnx")
         export_onnx(qvit, folder / "fp32.raw.onnx", size, quantized=False, opset=args.opset)
+        clock.done("export")
         print("[2/3] simplify and check")
         simplify(folder / "fp32.raw.onnx", folder / "fp32.onnx")
         (folder / "fp32.raw.onnx").unlink()
@@ -404,6 +426,7 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
         print(f"      {len(model.graph.node)} nodes of {len(ops)} standard operators ({', '.join(ops)})")
         print(f"      int_only.onnx {sizes['int_only'] / 2**20:.1f} MiB = {sizes['int_only'] / sizes['fp32']:.3f}x fp32.onnx")
         report.update(simplifier=tool, nodes=len(model.graph.node), operators=ops, bytes=sizes)
+        clock.done("simplify")
         loader, source = verification_images(args, data_config, size)
         print(f"[3/3] verify in ONNX Runtime on {source}")
         compiled = {"fp32": load_runtime_model("ort", folder / "fp32.onnx", args.threads), "int_only": load_runtime_model("ort", folder / "int_only.onnx", args.threads)}
@@ -438,11 +461,15 @@ def convert_integer(args: argparse.Namespace, qvit, data_config: dict, batches: 
         if labels is not None:
             print(f"      integer program top-1 {verify['integer_vs_fake_quant']['top1']:.2f}% (fake-quant {verify['fake_quant']['top1']:.2f}%, "
                   f"FP32 {top1_accuracy(fp32, labels):.2f}%)")  # fmt: skip
+        clock.done("verify")
         report["benchmark"] = {"ort": benchmark_step({"ort": {"fp32": compiled["fp32"], "int8": compiled["int_only"]}}, batches, size, args.bench_iters)["ort"]}
+        clock.done("benchmark")
         if args.golden:
             images = torch.cat([x for x, _, _ in loader if x is not None])[: args.golden]
             report["golden"] = facts = write_golden(program, images, folder / "golden")
             print(f"      golden vectors of {facts['images']} image(s): {facts['tensors']} tensors, {facts['constants']} constants in golden/ (docs/integer.md)")
+            clock.done("golden")
+        report["seconds"] = clock.seconds
         write_json_atomic(folder / "conversion.json", report)
     return run.final
 

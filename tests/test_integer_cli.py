@@ -74,6 +74,7 @@ def test_convert_integer_only_writes_a_verified_integer_onnx_and_golden_vectors(
     assert float_tensors(model) == [] and {n.domain for n in model.graph.node} <= {""}
     assert len(model.graph.value_info) == 0  # derivable by shape inference, not stored
     assert report["golden"]["images"] == 1
+    assert list(report["seconds"]) == ["export", "simplify", "verify", "benchmark", "golden"]
 
 
 def test_convert_integer_only_refuses_a_partial_recipe(calibrated_run, tmp_path):

@@ -165,6 +165,9 @@ def test_convert_onnx_only_end_to_end(calibrated_run, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["conversion.json", "fp32.onnx", "int8.bin", "int8.onnx", "int8.ort.onnx", "int8.xml"]
     report = json.loads((folder / "conversion.json").read_text())
     assert report["verify"]["images"] == 4
+    # Each step ends with its seconds, printed and kept.
+    assert list(report["seconds"]) == ["export", "simplify", "verify", "benchmark"] and all(s > 0 for s in report["seconds"].values())
+    assert f"      verify: {report['seconds']['verify']:.1f} s" in result.stdout.splitlines()
     for runtime in ("ort", "openvino"):
         check = report["verify"][runtime]
         assert check["fp32_max_abs_diff"] < 1e-4
