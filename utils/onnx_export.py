@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.ptq.quantizers import uniform_fake_quant
 from models.ptq.tensor_quantizer import TensorQuantizer
 from models.quant_vit import QVit
 from utils.errors import UserError
@@ -144,15 +145,13 @@ def qdq_hooks(qvit: QVit, plan: list[ExportPoint]) -> Iterator[None]:
                 scale = point.scale.to(output.device)
                 zero = torch.zeros(scale.shape, dtype=torch.int32, device=output.device)
                 return torch.fake_quantize_per_channel_affine(output, scale, zero, point.axis % output.dim(), qmin, qmax)
-            # Run in PyTorch, the pair divides by the scale as ONNX's QuantizeLinear and the fake-quant
-            # model do (torch's fake_quantize ops multiply by its reciprocal, which rounds values at a
-            # half step the other way: DeiT-tiny cpu_int8 gave other logits on 62 of 96 images).
+            # Run in PyTorch, the pair rounds as the fake-quant model does (torch's ops would not: DeiT-tiny
+            # cpu_int8 gave other logits on 62 of 96 images).
             if point.axis is None:
-                scale, zero = float(point.scale), point.zero_point
-            else:
-                axis = point.axis % output.dim()
-                scale, zero = point.scale.to(output.device).reshape([-1 if d == axis else 1 for d in range(output.dim())]), 0
-            return output.div(scale).round_().clamp_(qmin - zero, qmax - zero).mul_(scale)
+                return uniform_fake_quant(output, float(point.scale), point.zero_point, qmin, qmax)
+            axis = point.axis % output.dim()
+            scale = point.scale.to(output.device).reshape([-1 if d == axis else 1 for d in range(output.dim())])
+            return uniform_fake_quant(output, scale, 0, qmin, qmax)
 
         return qdq
 
